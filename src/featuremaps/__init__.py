@@ -1,0 +1,57 @@
+"""featuremaps: see what a vision network sees at every layer.
+
+Example:
+    >>> import featuremaps as fm
+    >>> m = fm.load_model("efficientnet_lite0")
+    >>> x = fm.preprocess(fm.load_image(fm.sample_image("cat")), m.preprocess)[None]
+    >>> maps = fm.capture(m.module, x, "stages")
+    >>> rgb = fm.pca_rgb(maps["_blocks.15"])
+"""
+
+from __future__ import annotations
+
+from .capture import Capture, FeatureMaps, LayerInfo, LayoutContext, capture, list_layers
+from .errors import FeatureMapsError, ImageError, LayerError, ModelError, ReduceError
+from .images import display_image, expand_inputs, load_image, preprocess, sample_image
+from .models import LoadedModel, Preprocess, available_models, load_model
+from .pipeline import RenderOptions, analyze, run
+from .reduce import PCAAccumulator, PCABasis, channel_stats, pca_basis, pca_rgb
+from .render import channel_grid, overlay, pca_panel, render_grid, show
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Capture",
+    "FeatureMaps",
+    "FeatureMapsError",
+    "ImageError",
+    "LayerError",
+    "LayerInfo",
+    "LayoutContext",
+    "LoadedModel",
+    "ModelError",
+    "PCAAccumulator",
+    "PCABasis",
+    "Preprocess",
+    "ReduceError",
+    "RenderOptions",
+    "analyze",
+    "available_models",
+    "capture",
+    "channel_grid",
+    "channel_stats",
+    "display_image",
+    "expand_inputs",
+    "list_layers",
+    "load_image",
+    "load_model",
+    "overlay",
+    "pca_basis",
+    "pca_panel",
+    "pca_rgb",
+    "preprocess",
+    "render_grid",
+    "run",
+    "sample_image",
+    "show",
+]

@@ -1,0 +1,3 @@
+from featuremaps.cli import main
+
+main()

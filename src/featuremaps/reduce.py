@@ -1,0 +1,354 @@
+"""Numeric reductions of feature maps: statistics, ranking, scaling and PCA.
+
+Pure functions on tensors/arrays; none modifies its input and none draws anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from .errors import ReduceError
+
+ArrayLike = torch.Tensor | np.ndarray
+Norm = Literal["linear", "log", "symlog"]
+
+
+def as_tensor(fmap: ArrayLike) -> torch.Tensor:
+    """A float tensor view/copy of an array or tensor (never the caller's storage)."""
+    if isinstance(fmap, np.ndarray):
+        return torch.from_numpy(np.array(fmap, dtype=np.float32, copy=True))
+    return fmap.detach().to("cpu", torch.float32)
+
+
+def _as_chw(fmap: ArrayLike) -> torch.Tensor:
+    t = as_tensor(fmap)
+    if t.ndim == 4:
+        if t.shape[0] != 1:
+            raise ReduceError(f"expected one map (1, C, H, W), got batch of {t.shape[0]}")
+        t = t[0]
+    if t.ndim != 3:
+        raise ReduceError(f"expected a (C, H, W) map, got shape {tuple(t.shape)}")
+    return t
+
+
+# -- statistics and ranking ------------------------------------------------------------------
+
+
+def channel_stats(fmap: ArrayLike) -> dict[str, np.ndarray]:
+    """Per-channel ``min``, ``mean``, ``max`` and ``dead`` (all values zero) of a map."""
+    t = _as_chw(fmap).flatten(1)
+    return {
+        "min": t.amin(1).numpy(),
+        "mean": t.mean(1).numpy(),
+        "max": t.amax(1).numpy(),
+        "dead": (t == 0).all(1).numpy(),
+    }
+
+
+def select_channels(
+    fmap: ArrayLike, order: str | Sequence[int] = "index", k: int | None = None
+) -> list[int]:
+    """Channel indices to show.
+
+    Args:
+        fmap: a ``(C, H, W)`` map.
+        order: ``"index"`` (0, 1, 2, ...), ``"top"`` (highest mean activation first) or
+            an explicit list of channel indices.
+        k: how many (``None``: all).
+    """
+    t = _as_chw(fmap)
+    c = t.shape[0]
+    if isinstance(order, str):
+        if order == "index":
+            idx = list(range(c))
+        elif order == "top":
+            means = torch.nan_to_num(t.flatten(1).mean(1), nan=-float("inf"))
+            idx = torch.argsort(means, descending=True, stable=True).tolist()
+        else:
+            raise ReduceError(f"channel order {order!r}: use index, top or a list of indices")
+    else:
+        idx = [int(i) for i in order]
+        bad = [i for i in idx if not 0 <= i < c]
+        if bad:
+            raise ReduceError(f"channels {bad} out of range: this layer has {c} (0..{c - 1})")
+    return idx[:k] if k is not None else idx
+
+
+# -- scaling --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """How values map to [0, 1]: per channel bounds and the norm."""
+
+    vmin: np.ndarray  # (K,) lower bound per shown channel
+    vmax: np.ndarray  # (K,) upper bound per shown channel
+    norm: Norm
+    linthresh: np.ndarray  # (K,) linear range of symlog
+
+
+def compute_scaling(maps: np.ndarray, norm: Norm = "linear", per_channel: bool = True) -> Scaling:
+    """Bounds for ``(K, H, W)`` maps: each channel's own or the layer's shared min/max.
+
+    For ``log`` the lower bound is the smallest positive value (values <= 0 show at the
+    bottom of the scale); for ``symlog`` the linear range is 1% of the largest magnitude.
+    """
+    if norm not in ("linear", "log", "symlog"):
+        raise ReduceError(f"norm {norm!r}: use linear, log or symlog")
+    k = maps.shape[0]
+    flat = maps.reshape(k, -1).astype(np.float64)
+    finite = np.where(np.isfinite(flat), flat, np.nan)
+    with np.errstate(all="ignore"):
+        if norm == "log":
+            pos = np.where(finite > 0, finite, np.nan)
+            lo = _nan_reduce(np.nanmin, pos, per_channel, 1.0)
+            hi = _nan_reduce(np.nanmax, pos, per_channel, 1.0)
+        else:
+            lo = _nan_reduce(np.nanmin, finite, per_channel, 0.0)
+            hi = _nan_reduce(np.nanmax, finite, per_channel, 0.0)
+        mag = np.maximum(np.abs(lo), np.abs(hi))
+    lin = np.where(mag > 0, mag * 0.01, 1.0)
+    return Scaling(lo, hi, norm, lin)
+
+
+def _nan_reduce(fn: object, a: np.ndarray, per_channel: bool, empty: float) -> np.ndarray:
+    k = a.shape[0]
+    all_nan = np.isnan(a).all(axis=1)
+    if per_channel:
+        out = np.full(k, empty)
+        if (~all_nan).any():
+            out[~all_nan] = fn(a[~all_nan], axis=1)  # type: ignore[operator]
+        return out
+    value = empty if all_nan.all() else float(fn(a))  # type: ignore[operator]
+    return np.full(k, value)
+
+
+def _symlog(x: np.ndarray, lin: np.ndarray | float) -> np.ndarray:
+    return np.sign(x) * np.log10(1.0 + np.abs(x) / lin)
+
+
+def apply_scaling(maps: np.ndarray, s: Scaling) -> np.ndarray:
+    """Map ``(K, H, W)`` values to [0, 1] (NaN stays NaN). Constant channels give 0."""
+    x = maps.astype(np.float64)
+    lo = s.vmin[:, None, None]
+    hi = s.vmax[:, None, None]
+    with np.errstate(all="ignore"):
+        if s.norm == "log":
+            x = np.log10(np.clip(x, lo, None))
+            lo, hi = np.log10(lo), np.log10(hi)
+        elif s.norm == "symlog":
+            lin = s.linthresh[:, None, None]
+            x, lo, hi = _symlog(x, lin), _symlog(lo, lin), _symlog(hi, lin)
+        span = hi - lo
+        out = np.where(span > 0, (x - lo) / np.where(span > 0, span, 1.0), 0.0)
+    out = np.clip(out, 0.0, 1.0)
+    out[~np.isfinite(maps)] = np.nan
+    return out
+
+
+# -- PCA -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PCABasis:
+    """A PCA basis over channels: ``(x - mean) @ components.T``, then ``lo..hi`` -> 0..1.
+
+    Attributes:
+        mean: ``(C,)`` channel means.
+        components: ``(K, C)`` unit vectors, strongest first, sign fixed so that each
+            component's largest-magnitude loading is positive.
+        explained: ``(K,)`` variance along each component.
+        lo, hi: ``(K,)`` the projection values drawn as 0 and 1.
+    """
+
+    mean: np.ndarray
+    components: np.ndarray
+    explained: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+
+    def project(self, fmap: ArrayLike) -> np.ndarray:
+        """Project a ``(C, H, W)`` map: ``(H, W, K)`` raw component values."""
+        t = _as_chw(fmap)
+        c, h, w = t.shape
+        if c != self.mean.shape[0]:
+            raise ReduceError(f"basis is for {self.mean.shape[0]} channels, map has {c}")
+        _check_finite(t)
+        x = t.permute(1, 2, 0).reshape(-1, c).double()
+        comps = torch.from_numpy(self.components).double()
+        y = (x - torch.from_numpy(self.mean).double()) @ comps.T
+        return y.reshape(h, w, -1).numpy()
+
+    def to_rgb(self, fmap: ArrayLike) -> np.ndarray:
+        """Project and scale to [0, 1]: ``(H, W, K)`` (``(H, W)`` for one component)."""
+        return _scaled(self.project(fmap), self.lo, self.hi)
+
+
+def _check_finite(t: torch.Tensor) -> None:
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise ReduceError(
+            f"the map holds {bad} NaN/Inf value(s) of {t.numel()}; PCA needs finite values "
+            "(check the model's input and weights)"
+        )
+
+
+def _scaled(y: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    span = hi - lo
+    safe = np.where(span > 0, span, 1.0)
+    out = np.where(span > 0, (y - lo) / safe, 0.0)
+    out = np.clip(out, 0.0, 1.0).astype(np.float32)
+    return out[..., 0] if out.shape[-1] == 1 else out
+
+
+def _fit(cov: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k eigenvectors of a covariance matrix with a deterministic sign."""
+    c = cov.shape[0]
+    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    order = torch.flip(torch.arange(c), [0])[: min(k, c)]
+    comps = evecs[:, order].T.clone()  # (k', C)
+    vals = evals[order].clamp_min(0)
+    idx = comps.abs().argmax(1)
+    signs = torch.sign(comps[torch.arange(comps.shape[0]), idx])
+    signs[signs == 0] = 1
+    comps *= signs[:, None]
+    if comps.shape[0] < k:  # fewer channels than components: pad with zero components
+        pad = torch.zeros(k - comps.shape[0], c, dtype=comps.dtype)
+        comps = torch.cat([comps, pad])
+        vals = torch.cat([vals, torch.zeros(k - vals.shape[0], dtype=vals.dtype)])
+    return comps.numpy(), vals.numpy()
+
+
+def pca_basis(fmaps: ArrayLike, n_components: int = 3) -> PCABasis:
+    """Fit one PCA basis over every pixel of a ``(C, H, W)`` or ``(B, C, H, W)`` input.
+
+    The drawn range (``lo``/``hi``) is the min/max of the projections over the same
+    input, so a batch fitted jointly shares one colour scale.
+    """
+    if n_components < 1:
+        raise ReduceError("n_components must be at least 1")
+    t = as_tensor(fmaps)
+    if t.ndim == 3:
+        t = t[None]
+    if t.ndim != 4:
+        raise ReduceError(f"expected (C, H, W) or (B, C, H, W), got {tuple(t.shape)}")
+    _check_finite(t)
+    c = t.shape[1]
+    x = t.permute(0, 2, 3, 1).reshape(-1, c).double()
+    mean = x.mean(0)
+    xc = x - mean
+    cov = xc.T @ xc / max(x.shape[0] - 1, 1)
+    comps, vals = _fit(cov, n_components)
+    y = xc @ torch.from_numpy(comps).T
+    lo = y.amin(0).numpy()
+    hi = y.amax(0).numpy()
+    return PCABasis(mean.numpy(), comps, vals, lo, hi)
+
+
+def pca_rgb(
+    fmap: ArrayLike, n_components: int = 3, *, basis: PCABasis | None = None
+) -> np.ndarray:
+    """Project a layer's channels onto its principal components, as a picture.
+
+    Each pixel is a C-vector; PCA over the pixels, then each component min-max scaled to
+    [0, 1]. The sign of each component is fixed (largest loading positive) so re-runs
+    give the same colours. Constant maps give zeros; a map with fewer channels than
+    components gets zero components.
+
+    Args:
+        fmap: ``(C, H, W)`` or ``(1, C, H, W)``; a ``(B, C, H, W)`` batch is fitted
+            jointly (one basis, one scale) and gives ``(B, H, W, K)``.
+        n_components: 3 for RGB, 1 for a single gray map.
+        basis: a fitted :class:`PCABasis` (e.g. a dataset basis) to use instead.
+
+    Returns:
+        ``(H, W, 3)`` (or ``(H, W)`` for one component) float32 in [0, 1].
+
+    Raises:
+        ReduceError: NaN/Inf values, or a shape that is not a map.
+
+    Example:
+        >>> rgb = pca_rgb(torch.rand(64, 14, 14))
+        >>> rgb.shape
+        (14, 14, 3)
+    """
+    t = as_tensor(fmap)
+    if t.ndim == 4 and t.shape[0] > 1:
+        b = basis or pca_basis(t, n_components)
+        return np.stack([b.to_rgb(m) for m in t])
+    if basis is None:
+        basis = pca_basis(_as_chw(t), n_components)
+    return basis.to_rgb(t)
+
+
+class PCAAccumulator:
+    """Streaming PCA: accumulate channel sums and co-sums over many maps, then fit.
+
+    Memory is ``O(C^2)`` whatever the number of pixels. The drawn range of the fitted
+    basis is mean +- 3 standard deviations of each component.
+    """
+
+    def __init__(self, channels: int) -> None:
+        self.n = 0
+        self.sum = torch.zeros(channels, dtype=torch.float64)
+        self.cosum = torch.zeros(channels, channels, dtype=torch.float64)
+
+    def update(self, fmaps: ArrayLike) -> None:
+        """Add every pixel of a ``(C, H, W)`` or ``(B, C, H, W)`` input."""
+        t = as_tensor(fmaps)
+        if t.ndim == 3:
+            t = t[None]
+        _check_finite(t)
+        x = t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).double()
+        self.n += x.shape[0]
+        self.sum += x.sum(0)
+        self.cosum += x.T @ x
+
+    def merge(self, other: PCAAccumulator) -> None:
+        """Add another accumulator's pixels (for partial results from workers)."""
+        self.n += other.n
+        self.sum += other.sum
+        self.cosum += other.cosum
+
+    def fit(self, n_components: int = 3) -> PCABasis:
+        if self.n < 2:
+            raise ReduceError("a PCA basis needs at least two pixels")
+        mean = self.sum / self.n
+        cov = (self.cosum - self.n * torch.outer(mean, mean)) / (self.n - 1)
+        comps, vals = _fit(cov, n_components)
+        sd = np.sqrt(vals)
+        return PCABasis(mean.numpy(), comps, vals, -3 * sd, 3 * sd)
+
+
+def save_bases(bases: dict[str, PCABasis], path: str | Path) -> None:
+    """Write per-layer bases to one ``.npz`` file (keys ``LAYER::field``), atomically."""
+    from ._files import atomic_path
+
+    arrays: dict[str, np.ndarray] = {}
+    for layer, b in bases.items():
+        for name in ("mean", "components", "explained", "lo", "hi"):
+            arrays[f"{layer}::{name}"] = getattr(b, name)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)  # type: ignore[arg-type]
+
+
+def load_bases(path: str | Path) -> dict[str, PCABasis]:
+    """Read per-layer bases written by :func:`save_bases` (no pickle)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            fields: dict[str, dict[str, np.ndarray]] = {}
+            for key in z.files:
+                layer, _, name = key.rpartition("::")
+                fields.setdefault(layer, {})[name] = z[key]
+        return {layer: PCABasis(**f) for layer, f in fields.items()}
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise ReduceError(
+            f"cannot read PCA bases from {str(path)!r} ({exc}); expected a file written by "
+            "`featuremaps atlas`"
+        ) from exc
