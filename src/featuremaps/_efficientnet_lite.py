@@ -21,7 +21,11 @@ _STAGES: tuple[tuple[int, int, int, int, int], ...] = (
     (6, 5, 2, 192, 4),
     (6, 3, 1, 320, 1),
 )
-_BN = {"eps": 1e-3, "momentum": 0.01}
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
+
 
 # Mean and std of the TensorFlow Lite recipe: (pixel - 127) / 128, on [0, 1] pixels.
 LITE_MEAN = (0.498, 0.498, 0.498)
@@ -37,13 +41,13 @@ class MBConv(nn.Module):
         self.has_expand = expand != 1
         if self.has_expand:
             self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
-            self._bn0 = nn.BatchNorm2d(mid, **_BN)
+            self._bn0 = _bn(mid)
         self._depthwise_conv = nn.Conv2d(
             mid, mid, kernel, stride=stride, padding=kernel // 2, groups=mid, bias=False
         )
-        self._bn1 = nn.BatchNorm2d(mid, **_BN)
+        self._bn1 = _bn(mid)
         self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
-        self._bn2 = nn.BatchNorm2d(cout, **_BN)
+        self._bn2 = _bn(cout)
         self.act = nn.ReLU6(inplace=True)
         self.use_skip = stride == 1 and cin == cout
 
@@ -62,7 +66,7 @@ class EfficientNetLite0(nn.Module):
     def __init__(self, num_classes: int = 1000) -> None:
         super().__init__()
         self._conv_stem = nn.Conv2d(3, 32, 3, stride=2, padding=1, bias=False)
-        self._bn0 = nn.BatchNorm2d(32, **_BN)
+        self._bn0 = _bn(32)
         self.stem_act = nn.ReLU6(inplace=True)
         blocks: list[nn.Module] = []
         cin = 32
@@ -72,7 +76,7 @@ class EfficientNetLite0(nn.Module):
                 cin = cout
         self._blocks = nn.Sequential(*blocks)
         self._conv_head = nn.Conv2d(cin, 1280, 1, bias=False)
-        self._bn1 = nn.BatchNorm2d(1280, **_BN)
+        self._bn1 = _bn(1280)
         self.head_act = nn.ReLU6(inplace=True)
         self._avg_pooling = nn.AdaptiveAvgPool2d(1)
         self._dropout = nn.Dropout(0.2)

@@ -8,7 +8,7 @@ requested layer has run, unless the full output is asked for.
 
 from __future__ import annotations
 
-import fnmatch
+import re
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -240,6 +240,37 @@ def _request_list(layers: str | Sequence[str]) -> list[str]:
     return [s.strip() for s in items if s and s.strip()]
 
 
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """A glob over dotted names: ``*`` and ``?`` stay within one name part, ``**`` crosses.
+
+    So ``layer*`` gives ``layer1``..``layer4`` but not ``layer1.0.conv1``, and
+    ``features.*`` gives the children of ``features``.
+    """
+    out, i = [], 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if ch == "*":
+            out.append("[^.]*")
+        elif ch == "?":
+            out.append("[^.]")
+        elif ch == "[":
+            end = pattern.find("]", i + 1)
+            if end == -1:
+                out.append(re.escape(ch))
+            else:
+                body = pattern[i + 1 : end].replace("\\", "\\\\")
+                out.append("[^" + body[1:] + "]" if body.startswith("!") else "[" + body + "]")
+                i = end
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return re.compile("".join(out))
+
+
 def needs_probe(layers: str | Sequence[str]) -> bool:
     """Whether the request names a preset (which needs one forward to resolve)."""
     return any(r in PRESETS for r in _request_list(layers))
@@ -277,7 +308,8 @@ def resolve_layers(
         elif req in modules or _base(req) in modules:
             hits = [req]
         elif any(ch in req for ch in "*?["):
-            hits = [n for n in modules if fnmatch.fnmatchcase(n, req)]
+            pattern = _glob_regex(req)
+            hits = [n for n in modules if pattern.fullmatch(n)]
             if not hits:
                 raise LayerError(
                     f"pattern {req!r} matches no layer.{suggest(req, modules)} "
@@ -373,6 +405,13 @@ class Capture:
                 return
 
     def __enter__(self) -> Capture:
+        if isinstance(self.model, torch.jit.ScriptModule):
+            raise LayerError(
+                "this is a TorchScript model: its layers run inside TorchScript, where "
+                "forward hooks cannot see them, so no layer can be captured. Load the Python "
+                "model instead (`package.module:factory`, or a torchvision name with "
+                "--weights FILE for a state dict)."
+            )
         modules = _named_modules(self.model)
         self._modes = {m: m.training for m in self.model.modules()}
         try:

@@ -25,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="See what a vision network sees at every layer.",
 )
-out = Console(soft_wrap=True)
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 ModelArg = Annotated[
@@ -253,12 +253,73 @@ def demo(
     _print_summary(result.manifest_data, result.out_dir, len(result.files))
 
 
+@contextmanager
+def _rate_progress() -> Iterator[Any]:
+    """Like :func:`_progress`, with the rate in items per second."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:7.1f}/s" if speed else "")
+
+    bar = Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
+                   Rate(), TimeElapsedColumn(), console=err, transient=True)
+    tasks: dict[str, Any] = {}
+
+    def update(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(phase, total=total, completed=done)
+        bar.update(tasks[phase], completed=done, total=total)
+
+    with bar:
+        yield update
+
+
+@app.command()
+def atlas(
+    model: ModelArg,
+    data: Annotated[str, typer.Argument(help="Folder (recursive), glob, or text file of paths.")],
+    layers: LayersOpt = "stages",
+    top: Annotated[int, typer.Option("--top", "-k", help="Images kept per channel.")] = 9,
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder (also holds the checkpoint).")
+    ] = Path("featuremaps-atlas"),
+    weights: WeightsOpt = "DEFAULT",
+    score: Annotated[str, typer.Option(help="max (spatial max) or mean.")] = "max",
+    batch_size: Annotated[int, typer.Option(help="Images per forward.")] = 32,
+    workers: Annotated[int, typer.Option(help="Decoding processes (ray: model actors).")] = 2,
+    engine: Annotated[str, typer.Option(help="local, or ray (RAY_ADDRESS or local).")] = "local",
+    device: DeviceOpt = "auto",
+    checkpoint_every: Annotated[float, typer.Option(help="Seconds between checkpoints.")] = 60.0,
+    restart: Annotated[bool, typer.Option(help="Ignore a checkpoint in --out.")] = False,
+    report_url: Annotated[
+        str | None, typer.Option(help="Channel link template with {layer} and {channel}.")
+    ] = None,
+) -> None:
+    """Top-K images per channel over a dataset, a dataset PCA basis and HTML pages."""
+    from .atlas import build_atlas
+
+    with _rate_progress() as progress:
+        r = build_atlas(
+            model, data, layers, out_dir, weights=weights, top=top, score=score,
+            batch_size=batch_size, workers=workers, engine=engine, device=device,
+            checkpoint_seconds=checkpoint_every, restart=restart, report_url=report_url,
+            progress=progress,
+        )
+    resumed = f", {r.resumed} from the checkpoint" if r.resumed else ""
+    out.print(f"{r.images_used} of {r.images_total} images used{resumed}, "
+              f"{len(r.skipped)} skipped, {r.images_per_second:.1f} images/s")
+    out.print(f"atlas -> {r.atlas_json}\npages -> {r.pages[0]}\nPCA basis -> {r.pca_basis}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the app and turns user errors into messages."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        app(args=args, prog_name="featuremaps", standalone_mode=False)
+        app(args=args, prog_name="featuremaps")
     except FeatureMapsError as exc:
         if debug:
             raise
@@ -267,19 +328,13 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
+    except Exception as exc:
         if debug:
             raise
         err.print(
             f"[red]unexpected error:[/red] {exc.__class__.__name__}: {exc}\n"
             "Run again with --debug for the traceback, and please report it.",
             highlight=False,
+            soft_wrap=True,
         )
         sys.exit(1)

@@ -70,6 +70,7 @@ def load_image(path: str | os.PathLike[str], *, draft_size: int | None = None) -
         ImageError: the file is missing, not an image, truncated or too large.
     """
     path = Path(path)
+    img: Image.Image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

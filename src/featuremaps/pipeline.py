@@ -8,6 +8,7 @@ temporary name and renamed, so a failed run leaves nothing half-written.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -114,7 +115,7 @@ def _safe(name: str) -> str:
 
 def analyze(
     model: LoadedModel,
-    images: Sequence[str | Path],
+    images: Sequence[str | os.PathLike[str]],
     layers: str | Sequence[str],
     *,
     full: bool = False,
@@ -143,7 +144,7 @@ def analyze(
     paths = expand_inputs(images)
     dev = resolve_device(device)
     module = model.module.to(dev)
-    predict = with_predictions and model.is_imagenet_classifier
+    predict = with_predictions and model.is_imagenet_classifier and model.pretrained
     results: list[ImageResult] = []
     for n, (path, key) in enumerate(zip(paths, _unique_keys(paths), strict=True), 1):
         img = load_image(path, draft_size=model.preprocess.resize)
@@ -185,7 +186,7 @@ def layer_record(name: str, fm: FeatureMaps) -> dict[str, Any]:
 
 def run(
     spec: str,
-    images: Sequence[str | Path],
+    images: Sequence[str | os.PathLike[str]],
     layers: str | Sequence[str],
     out_dir: str | Path,
     *,
@@ -216,8 +217,14 @@ def run(
     bases: dict[str, PCABasis] | None = load_bases(pca_basis) if pca_basis else None
     loaded = model or load_model(spec, weights)
     results = analyze(
-        loaded, images, layers, full=full, device=device, layout=layout,
-        allow_nan=allow_nan, progress=progress,
+        loaded,
+        images,
+        layers,
+        full=full,
+        device=device,
+        layout=layout,
+        allow_nan=allow_nan,
+        progress=progress,
     )
     out = Path(out_dir)
     files: list[Path] = []
@@ -259,9 +266,15 @@ def run(
         for name in res.maps:
             t = res.maps[name][0]
             grid = render_grid(
-                t, max_maps=opts.max_maps, cols=opts.cols, map_size=opts.map_size,
+                t,
+                max_maps=opts.max_maps,
+                cols=opts.cols,
+                map_size=opts.map_size,
                 norm=opts.norm,  # type: ignore[arg-type]
-                cmap=opts.cmap, order=opts.order, scale=opts.scale, labels=opts.labels,
+                cmap=opts.cmap,
+                order=opts.order,
+                scale=opts.scale,
+                labels=opts.labels,
                 colorbar=opts.colorbar,
             )
             fname = f"{_safe(name)}.png"
@@ -291,8 +304,11 @@ def run(
 
         target = out / "activations.safetensors"
         with atomic_path(target) as tmp:
-            save_file(tensors, str(tmp), metadata={"model": loaded.spec,
-                                                    "keys": json.dumps(list(tensors))})
+            save_file(
+                tensors,
+                str(tmp),
+                metadata={"model": loaded.spec, "keys": json.dumps(list(tensors))},
+            )
         files.append(target)
         manifest["activations"] = "activations.safetensors"
     manifest_path = out / "manifest.json"

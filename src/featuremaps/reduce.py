@@ -251,9 +251,7 @@ def pca_basis(fmaps: ArrayLike, n_components: int = 3) -> PCABasis:
     return PCABasis(mean.numpy(), comps, vals, lo, hi)
 
 
-def pca_rgb(
-    fmap: ArrayLike, n_components: int = 3, *, basis: PCABasis | None = None
-) -> np.ndarray:
+def pca_rgb(fmap: ArrayLike, n_components: int = 3, *, basis: PCABasis | None = None) -> np.ndarray:
     """Project a layer's channels onto its principal components, as a picture.
 
     Each pixel is a C-vector; PCA over the pixels, then each component min-max scaled to

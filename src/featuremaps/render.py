@@ -259,8 +259,9 @@ def titled_panel(
     ncols = cols or len(names)
     nrows = math.ceil(len(names) / ncols)
     title_h, pad = 18, 6
-    canvas = Image.new("RGB", (ncols * (tile + pad) + pad, nrows * (tile + title_h + pad) + pad),
-                       (255, 255, 255))
+    canvas = Image.new(
+        "RGB", (ncols * (tile + pad) + pad, nrows * (tile + title_h + pad) + pad), (255, 255, 255)
+    )
     draw = ImageDraw.Draw(canvas)
     for i, name in enumerate(names):
         r, c = divmod(i, ncols)

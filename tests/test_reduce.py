@@ -1,0 +1,165 @@
+"""Reductions: PCA against a reference, determinism, degenerate input, scaling, stats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.decomposition import PCA
+
+from featuremaps import PCAAccumulator, ReduceError, channel_stats, pca_basis, pca_rgb
+from featuremaps.reduce import (
+    apply_scaling,
+    compute_scaling,
+    load_bases,
+    save_bases,
+    select_channels,
+)
+
+
+def _structured(c: int = 32, h: int = 12, w: int = 10, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(4, c, generator=g) * torch.tensor([5.0, 3.0, 2.0, 1.0])[:, None]
+    coef = torch.randn(h * w, 4, generator=g)
+    x = coef @ basis + 0.05 * torch.randn(h * w, c, generator=g)
+    return x.T.reshape(c, h, w).contiguous()
+
+
+def test_pca_matches_sklearn_subspace_and_projection() -> None:
+    fmap = _structured()
+    c = fmap.shape[0]
+    flat = fmap.reshape(c, -1).T.double().numpy()
+    ref = PCA(n_components=3, svd_solver="full").fit(flat)
+    basis = pca_basis(fmap, 3)
+    cos = np.abs(np.sum(basis.components * ref.components_, axis=1))
+    np.testing.assert_allclose(cos, 1.0, atol=1e-6)
+    np.testing.assert_allclose(basis.explained, ref.explained_variance_, rtol=1e-6)
+    # The picture is the projection, each component min-max scaled.
+    rgb = pca_rgb(fmap)
+    proj = (flat - flat.mean(0)) @ basis.components.T
+    expect = (proj - proj.min(0)) / (proj.max(0) - proj.min(0))
+    np.testing.assert_allclose(rgb.reshape(-1, 3), expect, atol=1e-5)
+    assert rgb.shape == (12, 10, 3) and rgb.dtype == np.float32
+    assert rgb.min() == 0.0 and rgb.max() == 1.0
+
+
+def test_pca_sign_is_deterministic() -> None:
+    fmap = _structured()
+    b = pca_basis(fmap)
+    idx = np.abs(b.components).argmax(1)
+    assert (b.components[np.arange(3), idx] > 0).all()
+    # Same colours for float64 input, a numpy array and a (1, C, H, W) batch.
+    a = pca_rgb(fmap)
+    np.testing.assert_allclose(pca_rgb(fmap.double()), a, atol=1e-6)
+    np.testing.assert_allclose(pca_rgb(fmap.numpy()[None]), a, atol=1e-6)
+
+
+def test_pca_does_not_modify_input() -> None:
+    fmap = _structured()
+    copy = fmap.clone()
+    arr = fmap.numpy().copy()
+    pca_rgb(fmap)
+    pca_rgb(arr)
+    assert torch.equal(fmap, copy)
+    np.testing.assert_array_equal(arr, copy.numpy())
+
+
+def test_pca_one_component_gives_gray_map() -> None:
+    out = pca_rgb(_structured(), 1)
+    assert out.shape == (12, 10)
+
+
+def test_pca_degenerate_inputs_are_defined() -> None:
+    const = torch.full((8, 5, 5), 3.0)
+    np.testing.assert_array_equal(pca_rgb(const), np.zeros((5, 5, 3), np.float32))
+    one_pixel = torch.randn(8, 1, 1)
+    np.testing.assert_array_equal(pca_rgb(one_pixel), np.zeros((1, 1, 3), np.float32))
+    two_channels = _structured(c=2)
+    out = pca_rgb(two_channels)
+    assert out.shape == (12, 10, 3)
+    assert (out[..., 2] == 0).all() and out[..., 0].max() == 1.0
+    bad = _structured()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(ReduceError, match="NaN"):
+        pca_rgb(bad)
+    with pytest.raises(ReduceError, match=r"\(C, H, W\)"):
+        pca_rgb(torch.randn(5, 5))
+
+
+def test_joint_basis_over_batch_shares_colours() -> None:
+    a = _structured(seed=0)
+    b = a.clone()
+    b[:, :6] = _structured(seed=1)[:, :6]  # differ in the top rows only
+    batch = torch.stack([a, b])
+    out = pca_rgb(batch)
+    assert out.shape == (2, 12, 10, 3)
+    # Pixels equal in both images get equal colours under the joint basis.
+    np.testing.assert_allclose(out[0, 6:], out[1, 6:], atol=1e-6)
+    separate = pca_rgb(b)
+    assert not np.allclose(separate[6:], out[1, 6:], atol=1e-3)
+
+
+def test_streaming_accumulator_equals_one_shot_fit() -> None:
+    maps = [_structured(seed=s) for s in range(4)]
+    acc = PCAAccumulator(32)
+    for m in maps[:2]:
+        acc.update(m)
+    other = PCAAccumulator(32)
+    other.update(torch.stack(maps[2:]))
+    acc.merge(other)
+    streamed = acc.fit(3)
+    direct = pca_basis(torch.stack(maps), 3)
+    np.testing.assert_allclose(streamed.mean, direct.mean, atol=1e-9)
+    np.testing.assert_allclose(streamed.components, direct.components, atol=1e-6)
+    np.testing.assert_allclose(streamed.hi, 3 * np.sqrt(streamed.explained))
+
+
+def test_bases_roundtrip(tmp_path) -> None:
+    b = pca_basis(_structured())
+    path = tmp_path / "bases.npz"
+    save_bases({"layer1": b, "features.3": b}, path)
+    loaded = load_bases(path)
+    assert set(loaded) == {"layer1", "features.3"}
+    np.testing.assert_array_equal(loaded["layer1"].components, b.components)
+    np.testing.assert_array_equal(
+        pca_rgb(_structured(seed=3), basis=loaded["features.3"]),
+        pca_rgb(_structured(seed=3), basis=b),
+    )
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ReduceError, match="atlas"):
+        load_bases(tmp_path / "junk.npz")
+
+
+def test_channel_stats_and_selection() -> None:
+    fmap = torch.zeros(4, 3, 3)
+    fmap[1] = 2.0
+    fmap[2, 0, 0] = -1.0
+    fmap[3] = torch.arange(9.0).reshape(3, 3)
+    s = channel_stats(fmap)
+    np.testing.assert_array_equal(s["dead"], [True, False, False, False])
+    np.testing.assert_allclose(s["mean"], [0, 2, -1 / 9, 4])
+    np.testing.assert_allclose(s["min"], [0, 2, -1, 0])
+    np.testing.assert_allclose(s["max"], [0, 2, 0, 8])
+    assert select_channels(fmap, "top") == [3, 1, 0, 2]
+    assert select_channels(fmap, "index", 2) == [0, 1]
+    assert select_channels(fmap, [3, 0]) == [3, 0]
+    with pytest.raises(ReduceError, match="out of range"):
+        select_channels(fmap, [4])
+
+
+def test_scaling_linear_log_symlog() -> None:
+    maps = np.array([[[0.0, 1.0], [2.0, 4.0]], [[-2.0, 0.0], [1.0, 2.0]]])
+    lin = apply_scaling(maps, compute_scaling(maps, "linear"))
+    np.testing.assert_allclose(lin[0], [[0, 0.25], [0.5, 1]])
+    np.testing.assert_allclose(lin[1], [[0, 0.5], [0.75, 1]])
+    shared = apply_scaling(maps, compute_scaling(maps, "linear", per_channel=False))
+    np.testing.assert_allclose(shared[0], (maps[0] + 2) / 6)
+    log = apply_scaling(maps, compute_scaling(maps, "log"))
+    # channel 0: positive range 1..4; 0 falls to the bottom; 2 sits at log2/log4 = 0.5
+    np.testing.assert_allclose(log[0], [[0, 0], [0.5, 1]])
+    sym = apply_scaling(maps, compute_scaling(maps, "symlog"))
+    assert sym[1, 0, 1] == pytest.approx(0.5)  # zero sits mid-way for a symmetric range
+    const = apply_scaling(np.ones((1, 2, 2)), compute_scaling(np.ones((1, 2, 2))))
+    np.testing.assert_array_equal(const, np.zeros((1, 2, 2)))
+    with pytest.raises(ReduceError):
+        compute_scaling(maps, "cubic")  # type: ignore[arg-type]
