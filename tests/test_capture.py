@@ -204,3 +204,9 @@ def test_torchscript_model_is_a_clear_error(toy: ToyNet, x_small: torch.Tensor) 
     scripted = torch.jit.script(toy)
     with pytest.raises(LayerError, match="TorchScript"):
         capture(scripted, x_small, "features.0")
+
+
+def test_torchscript_layers_listing_is_a_clear_error(toy: ToyNet, x_small: torch.Tensor) -> None:
+    scripted = torch.jit.script(toy)
+    with pytest.raises(LayerError, match="TorchScript"):
+        list_layers(scripted, x_small)

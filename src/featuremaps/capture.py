@@ -328,6 +328,16 @@ def resolve_layers(
 # -- hooks -----------------------------------------------------------------------------------
 
 
+def _refuse_torchscript(model: nn.Module) -> None:
+    if isinstance(model, torch.jit.ScriptModule):
+        raise LayerError(
+            "this is a TorchScript model: its layers run inside TorchScript, where "
+            "forward hooks cannot see them, so no layer can be captured. Load the Python "
+            "model instead (`package.module:factory`, or a torchvision name with "
+            "--weights FILE for a state dict)."
+        )
+
+
 class _StopForward(Exception):
     """Raised from a hook once every requested layer has run."""
 
@@ -405,13 +415,7 @@ class Capture:
                 return
 
     def __enter__(self) -> Capture:
-        if isinstance(self.model, torch.jit.ScriptModule):
-            raise LayerError(
-                "this is a TorchScript model: its layers run inside TorchScript, where "
-                "forward hooks cannot see them, so no layer can be captured. Load the Python "
-                "model instead (`package.module:factory`, or a torchvision name with "
-                "--weights FILE for a state dict)."
-            )
+        _refuse_torchscript(self.model)
         modules = _named_modules(self.model)
         self._modes = {m: m.training for m in self.model.modules()}
         try:
@@ -542,6 +546,7 @@ def list_layers(
     Modules that did not run are appended at the end with ``raw_shape=None``. The result
     is cached per model and input shape.
     """
+    _refuse_torchscript(model)
     key = (tuple(x.shape), x.dtype, str(x.device), layout is not None and repr(layout))
     cached = _PROBES.get(model, {}).get(key)
     if cached is not None:

@@ -178,10 +178,15 @@ def layer_record(name: str, fm: FeatureMaps) -> dict[str, Any]:
         **info,
         "channels": int(t.shape[0]),
         "dead_share": float(stats["dead"].mean()),
-        "min": [float(v) for v in stats["min"]],
-        "mean": [float(v) for v in stats["mean"]],
-        "max": [float(v) for v in stats["max"]],
+        "min": _finite_list(stats["min"]),
+        "mean": _finite_list(stats["mean"]),
+        "max": _finite_list(stats["max"]),
     }
+
+
+def _finite_list(values: np.ndarray) -> list[float | None]:
+    """Floats for JSON; NaN/Inf (only kept with ``allow_nan``) become ``null``."""
+    return [float(v) if np.isfinite(v) else None for v in values]
 
 
 def run(

@@ -1,0 +1,79 @@
+"""The run pipeline as a library call: files, manifest, NaN handling, PCA bases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from featuremaps import FeatureMapsError, RenderOptions, run
+from featuremaps.models import LoadedModel, Preprocess
+from featuremaps.reduce import pca_basis, save_bases
+
+
+def nan_net() -> nn.Module:
+    """A conv whose channel 1 is NaN everywhere (as broken weights would give)."""
+    conv = nn.Conv2d(3, 4, 3)
+    with torch.no_grad():
+        conv.bias[1] = float("nan")
+    return conv
+
+
+def _loaded(module: nn.Module) -> LoadedModel:
+    return LoadedModel(module=module.eval(), preprocess=Preprocess(32, 32), spec="toy", weights="x")
+
+
+def test_nan_activations_stop_the_run_unless_allowed(tmp_path: Path, photo: Path) -> None:
+    model = _loaded(nn.Sequential(nan_net()))
+    with pytest.raises(FeatureMapsError, match="NaN"):
+        run("toy", [photo], "0", tmp_path / "a", model=model)
+    assert not (tmp_path / "a").exists()
+    r = run(
+        "toy",
+        [photo],
+        "0",
+        tmp_path / "b",
+        model=model,
+        allow_nan=True,
+        options=RenderOptions(map_size=30, colorbar=False),
+    )
+    rec = r.manifest_data["images"][0]["layers"]["0"]
+    assert "NaN" in rec["pca_error"]
+    grid = np.asarray(Image.open(tmp_path / "b" / rec["grid"]))
+    assert (grid == [255, 0, 255]).all(-1).any()
+
+
+def test_duplicate_image_names_get_distinct_folders(tmp_path: Path, photo: Path) -> None:
+    other = tmp_path / "sub" / photo.name
+    other.parent.mkdir()
+    other.write_bytes(photo.read_bytes())
+    model = _loaded(nn.Sequential(nn.Conv2d(3, 2, 3)))
+    r = run("toy", [photo, other], "0", tmp_path / "o", model=model)
+    keys = [e["key"] for e in r.manifest_data["images"]]
+    assert keys == ["photo", "photo-2"]
+    assert (tmp_path / "o" / "photo-2" / "0.png").is_file()
+
+
+def test_pca_basis_file_colours_every_image_alike(tmp_path: Path, photo: Path) -> None:
+    torch.manual_seed(0)
+    model = _loaded(nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU()))
+    fake = torch.rand(1, 6, 10, 10)
+    save_bases({"0": pca_basis(fake)}, tmp_path / "b.npz")
+    r = run("toy", [photo], "0", tmp_path / "o", model=model, pca_basis=tmp_path / "b.npz")
+    assert r.manifest_data["pca_basis"].endswith("b.npz")
+    with pytest.raises(FeatureMapsError, match="no basis"):
+        run("toy", [photo], "1", tmp_path / "p", model=model, pca_basis=tmp_path / "b.npz")
+
+
+def test_manifest_is_valid_json_with_stats(tmp_path: Path, photo: Path) -> None:
+    model = _loaded(nn.Sequential(nn.Conv2d(3, 3, 1)))
+    r = run("toy", [photo], "0", tmp_path / "o", model=model)
+    data = json.loads(r.manifest.read_text())
+    rec = data["images"][0]["layers"]["0"]
+    assert rec["shape"] == [1, 3, 32, 32] and rec["stride"] == [1.0, 1.0]
+    assert rec["min"][0] <= rec["mean"][0] <= rec["max"][0]
