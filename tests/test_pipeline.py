@@ -77,3 +77,16 @@ def test_manifest_is_valid_json_with_stats(tmp_path: Path, photo: Path) -> None:
     rec = data["images"][0]["layers"]["0"]
     assert rec["shape"] == [1, 3, 32, 32] and rec["stride"] == [1.0, 1.0]
     assert rec["min"][0] <= rec["mean"][0] <= rec["max"][0]
+
+
+def test_outputs_get_ordinary_permissions(tmp_path: Path) -> None:
+    import os
+
+    from featuremaps._files import write_bytes
+
+    write_bytes(tmp_path / "f.txt", b"x")
+    mode = (tmp_path / "f.txt").stat().st_mode & 0o777
+    mask = os.umask(0)
+    os.umask(mask)
+    assert mode == 0o666 & ~mask
+    assert not list(tmp_path.glob("*.part"))

@@ -134,14 +134,18 @@ def layers(
     table.add_column("output shape")
     table.add_column("map (B,C,H,W)")
     table.add_column("note")
-    for info in sorted(infos, key=lambda i: _module_order(loaded.module).get(i.name, 1 << 30)):
+    rank = _module_order(loaded.module)
+    for info in sorted(infos, key=lambda i: rank.get(i.name.split("[")[0], 1 << 30)):
         raw = "x".join(map(str, info.raw_shape)) if info.raw_shape else "-"
         shape = "x".join(map(str, info.shape)) if info.shape else "-"
-        note = info.note or ("" if info.layout == "NCHW" else info.layout)
+        layout = "" if info.layout in ("NCHW", "not spatial") else info.layout
+        note = "; ".join(part for part in (layout, info.note) if part)
         table.add_row(info.name, info.module_type, raw, shape, note)
     out.print(table)
     out.print(f"preprocessing: {pp.describe()}")
-    out.print("presets: stages, convs (e.g. --layers stages)")
+    from .capture import PRESETS
+
+    out.print(f"presets: {', '.join(PRESETS)} (e.g. --layers stages)")
 
 
 def _module_order(module: Any) -> dict[str, int]:
@@ -264,8 +268,15 @@ def _rate_progress() -> Iterator[Any]:
             speed = task.finished_speed or task.speed
             return Text(f"{speed:7.1f}/s" if speed else "")
 
-    bar = Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
-                   Rate(), TimeElapsedColumn(), console=err, transient=True)
+    bar = Progress(
+        TextColumn("{task.description:<8}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        Rate(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
     tasks: dict[str, Any] = {}
 
     def update(phase: str, done: int, total: int) -> None:
@@ -299,19 +310,106 @@ def atlas(
     ] = None,
 ) -> None:
     """Top-K images per channel over a dataset, a dataset PCA basis and HTML pages."""
+    import warnings
+
     from .atlas import build_atlas
 
-    with _rate_progress() as progress:
+    def show(message: Any, *args: Any, **kwargs: Any) -> None:
+        err.print(f"warning: {message}", markup=False, highlight=False)
+
+    with _rate_progress() as progress, warnings.catch_warnings():
+        warnings.showwarning = show
         r = build_atlas(
-            model, data, layers, out_dir, weights=weights, top=top, score=score,
-            batch_size=batch_size, workers=workers, engine=engine, device=device,
-            checkpoint_seconds=checkpoint_every, restart=restart, report_url=report_url,
+            model,
+            data,
+            layers,
+            out_dir,
+            weights=weights,
+            top=top,
+            score=score,
+            batch_size=batch_size,
+            workers=workers,
+            engine=engine,
+            device=device,
+            checkpoint_seconds=checkpoint_every,
+            restart=restart,
+            report_url=report_url,
             progress=progress,
         )
-    resumed = f", {r.resumed} from the checkpoint" if r.resumed else ""
-    out.print(f"{r.images_used} of {r.images_total} images used{resumed}, "
-              f"{len(r.skipped)} skipped, {r.images_per_second:.1f} images/s")
+    resumed = f" ({r.resumed} done by an earlier run)" if r.resumed else ""
+    out.print(
+        f"{r.images_used} of {r.images_total} images used{resumed}, "
+        f"{len(r.skipped)} skipped, {r.images_per_second:.1f} images/s"
+    )
     out.print(f"atlas -> {r.atlas_json}\npages -> {r.pages[0]}\nPCA basis -> {r.pca_basis}")
+
+
+@app.command()
+def report(
+    model: ModelArg,
+    images: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
+    layers: LayersOpt = "stages",
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")] = Path(
+        "featuremaps-report.html"
+    ),
+    weights: WeightsOpt = "DEFAULT",
+    max_maps: Annotated[int, typer.Option(help="Channels per layer (0: all).")] = 64,
+    order: Annotated[str, typer.Option(help="index or top (by mean activation).")] = "index",
+    cmap: Annotated[str, typer.Option(help="Colormap shown first.")] = "viridis",
+    title: Annotated[str | None, typer.Option(help="Page title.")] = None,
+    full: Annotated[bool, typer.Option(help="Keep the whole image (no centre crop).")] = False,
+    device: DeviceOpt = "auto",
+    tokens_grid: TokensGridOpt = None,
+    prefix_tokens: PrefixOpt = None,
+) -> None:
+    """Write one self-contained HTML report (opens offline, images embedded)."""
+    from .report import write_report
+
+    with _progress() as progress:
+        path = write_report(
+            out_file,
+            model,
+            images,
+            layers,
+            weights=weights,
+            max_channels=max_maps or None,
+            order=order,
+            cmap=cmap,
+            full=full,
+            device=device,
+            title=title,
+            layout=_layout(tokens_grid, prefix_tokens),
+            progress=progress,
+        )
+    out.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); open it in a browser")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind (loopback only by default).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    allow_code_models: Annotated[
+        bool,
+        typer.Option(help="Accept package.module:factory and TorchScript specs (run code)."),
+    ] = False,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest upload in MB.")] = 20.0,
+    device: Annotated[str, typer.Option(help="cpu, cuda or mps.")] = "cpu",
+) -> None:
+    """Start the local interactive viewer (needs the extra featuremaps[serve])."""
+    from .serve import is_loopback, run_server
+
+    if not is_loopback(host):
+        err.print(f"[yellow]warning:[/yellow] serving on {host}: other machines can reach it")
+    out.print(f"featuremaps viewer on http://{host}:{port}/  (Ctrl+C stops it)")
+    run_server(
+        host,
+        port,
+        allow_code_models=allow_code_models,
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        device=device,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

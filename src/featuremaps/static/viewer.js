@@ -1,0 +1,513 @@
+/* featuremaps viewer: talks to the local server's /api; plain DOM, no libraries. */
+(function () {
+  "use strict";
+
+  const $ = (id) => document.getElementById(id);
+  const state = {
+    config: null,
+    imageId: null,
+    capture: null, // summary of the current capture
+    layer: null,
+    layerInfo: null,
+    grid: null, // metadata of the shown grid
+    channel: null,
+    tab: "channels",
+    alpha: 0.55,
+    gridUrl: null,
+    seq: 0,
+  };
+  const POLL_MS = 200;
+  const POLL_LIMIT = 3000; // 10 minutes at most
+
+  // -- helpers ---------------------------------------------------------------------------
+
+  function el(tag, cls, text) {
+    const node = document.createElement(tag);
+    if (cls) node.className = cls;
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    return node;
+  }
+
+  function fmt(v) {
+    if (v === null || v === undefined) return "–";
+    if (v === 0) return "0";
+    const a = Math.abs(v);
+    if (a >= 1e4 || a < 1e-3) return v.toExponential(2);
+    return String(parseFloat(v.toPrecision(4)));
+  }
+
+  async function api(url, options) {
+    const r = await fetch(url, options);
+    if (!r.ok) {
+      let detail = r.status + " " + r.statusText;
+      try {
+        const body = await r.json();
+        if (body && body.detail) detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+      } catch (e) {
+        /* not JSON */
+      }
+      const err = new Error(detail);
+      err.status = r.status;
+      throw err;
+    }
+    return r;
+  }
+
+  function query(params) {
+    return new URLSearchParams(params).toString();
+  }
+
+  function captureUrl(path, params) {
+    return "/api/captures/" + encodeURIComponent(state.capture.capture_id) + path + (params ? "?" + query(params) : "");
+  }
+
+  function view() {
+    return {
+      cmap: $("cmap-select").value,
+      norm: $("norm-select").value,
+      order: $("order-select").value,
+      scale: $("scale-select").value,
+      max_maps: $("max-select").value,
+    };
+  }
+
+  // -- status ----------------------------------------------------------------------------
+
+  function status(text, opts) {
+    const bar = $("status-bar");
+    opts = opts || {};
+    bar.hidden = false;
+    bar.classList.toggle("error", !!opts.error);
+    bar.classList.toggle("busy", !!opts.busy);
+    $("status-text").textContent = text;
+    $("progress-fill").style.width = ((opts.fraction || 0) * 100).toFixed(0) + "%";
+    bar.dataset.state = opts.error ? "error" : opts.busy ? "busy" : "idle";
+  }
+
+  function fail(err) {
+    status("Error: " + err.message, { error: true });
+  }
+
+  // -- configuration ---------------------------------------------------------------------
+
+  async function loadConfig() {
+    state.config = await (await api("/api/config")).json();
+    const list = $("model-list");
+    for (const m of state.config.models) {
+      const o = el("option");
+      o.value = m.name;
+      o.label = m.pretrained ? "pretrained weights available" : "random weights (pretrained not cached)";
+      list.append(o);
+    }
+    $("model-input").value = state.config.default_model;
+    const cmap = $("cmap-select");
+    for (const name of state.config.cmaps) {
+      const o = el("option", null, name);
+      o.value = name;
+      cmap.append(o);
+    }
+    syncWeights();
+  }
+
+  function syncWeights() {
+    const name = $("model-input").value.trim();
+    const m = state.config && state.config.models.find((x) => x.name === name);
+    const sel = $("weights-select");
+    const pretrained = !m || m.pretrained || name.startsWith("timm:");
+    sel.options[0].textContent = pretrained ? "pretrained" : "pretrained (needs a download)";
+    sel.value = m && !m.pretrained ? "none" : "DEFAULT";
+  }
+
+  // -- images ----------------------------------------------------------------------------
+
+  function imageChosen(result, label) {
+    state.imageId = result.image_id;
+    const thumb = $("image-thumb");
+    thumb.src = "/api/images/" + encodeURIComponent(result.image_id) + "/thumb.jpg";
+    thumb.alt = label;
+    thumb.hidden = false;
+    thumb.title = label + " · " + result.width + "×" + result.height;
+    $("capture-button").disabled = false;
+    document.body.dataset.image = result.image_id;
+    status("Image ready: " + label + " (" + result.width + "×" + result.height + "). Press Capture.");
+  }
+
+  async function pickSample(name, button) {
+    try {
+      const result = await (await api("/api/samples/" + encodeURIComponent(name), { method: "POST" })).json();
+      for (const b of document.querySelectorAll(".chip-button")) b.classList.remove("active");
+      button.classList.add("active");
+      imageChosen(result, name);
+    } catch (err) {
+      fail(err);
+    }
+  }
+
+  async function upload(file) {
+    if (!file) return;
+    const limit = state.config ? state.config.max_upload_bytes : Infinity;
+    if (file.size > limit) {
+      fail(new Error("the file is " + (file.size / 1e6).toFixed(1) + " MB; the limit is " + (limit / 1e6).toFixed(1) + " MB"));
+      return;
+    }
+    status("Uploading " + file.name + " …", { busy: true, fraction: 0.3 });
+    try {
+      const r = await api("/api/images", {
+        method: "POST",
+        headers: { "Content-Type": file.type || "application/octet-stream" },
+        body: file,
+      });
+      for (const b of document.querySelectorAll(".chip-button")) b.classList.remove("active");
+      document.querySelector(".chip-button.upload").classList.add("active");
+      imageChosen(await r.json(), file.name);
+    } catch (err) {
+      fail(err);
+    }
+  }
+
+  // -- capture ---------------------------------------------------------------------------
+
+  async function startCapture(ev) {
+    ev.preventDefault();
+    if (!state.imageId) return;
+    const button = $("capture-button");
+    button.disabled = true;
+    const seq = ++state.seq;
+    try {
+      const body = JSON.stringify({
+        model: $("model-input").value.trim(),
+        weights: $("weights-select").value,
+        image_id: state.imageId,
+      });
+      let job = await (await api("/api/captures", { method: "POST", headers: { "Content-Type": "application/json" }, body })).json();
+      for (let i = 0; job.status !== "done" && job.status !== "error" && i < POLL_LIMIT; i++) {
+        const frac = Math.max(0, job.step - 1) / job.steps;
+        status("Step " + job.step + "/" + job.steps + ": " + job.phase + " … " + job.elapsed.toFixed(1) + " s", {
+          busy: true,
+          fraction: frac + 0.5 / job.steps,
+        });
+        await new Promise((r) => setTimeout(r, POLL_MS));
+        job = await (await api("/api/jobs/" + encodeURIComponent(job.job_id))).json();
+      }
+      if (job.status === "error") throw new Error(job.message);
+      if (job.status !== "done") throw new Error("the capture is still running; try again later");
+      if (seq !== state.seq) return;
+      await loadCapture(job.capture_id, job.elapsed);
+    } catch (err) {
+      fail(err);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  async function loadCapture(captureId, elapsed) {
+    const summary = await (await api("/api/captures/" + encodeURIComponent(captureId))).json();
+    state.capture = summary;
+    state.channel = null;
+    $("welcome").hidden = true;
+    $("input-card").hidden = false;
+    $("input-img").src = captureUrl("/input.png");
+    $("input-meta").textContent =
+      summary.model + " · " + summary.weights + " · " + summary.input_size[1] + "×" + summary.input_size[0] + " px · " + summary.preprocess;
+    const preds = $("pred-list");
+    preds.replaceChildren();
+    $("pred-none").hidden = !!summary.predictions;
+    $("pred-none").textContent = summary.predictions_note || "";
+    for (const p of summary.predictions || []) {
+      const li = el("li");
+      const bar = el("div", "pred-bar");
+      const fill = el("span");
+      fill.style.width = Math.max(0.5, p.probability * 100).toFixed(1) + "%";
+      bar.append(fill);
+      li.append(el("span", "pred-label", p.label), el("span", "pred-prob", (p.probability * 100).toFixed(1) + "%"), bar);
+      preds.append(li);
+    }
+    renderLayerList();
+    status(
+      "Captured " + summary.model + " in " + (elapsed || 0).toFixed(1) + " s · " + summary.layers.length +
+        " layers with spatial maps. Click a layer, then a channel.",
+      { fraction: 1 }
+    );
+    document.body.dataset.capture = summary.capture_id;
+    const first = summary.stages.length ? summary.stages[0] : summary.layers[0].name;
+    await selectLayer(first);
+  }
+
+  function renderLayerList() {
+    const list = $("layer-list");
+    const filter = $("layer-filter").value.trim().toLowerCase();
+    const stagesOnly = $("stages-only").checked;
+    const items = [];
+    let n = 0;
+    for (const layer of state.capture.layers) {
+      if (stagesOnly && !layer.stage && !filter) continue;
+      if (filter && !layer.name.toLowerCase().includes(filter)) continue;
+      n++;
+      const li = el("li");
+      const b = el("button", layer.stage ? "stage" : "");
+      b.type = "button";
+      b.dataset.layer = layer.name;
+      b.title = layer.type + (layer.stride ? " · stride " + layer.stride[0] : "");
+      b.append(el("span", "layer-name", layer.name), el("span", "layer-shape", layer.shape.slice(1).join("×")));
+      b.classList.toggle("active", layer.name === state.layer);
+      b.addEventListener("click", () => selectLayer(layer.name));
+      li.append(b);
+      items.push(li);
+    }
+    list.replaceChildren(...items);
+    $("layer-count").textContent = n + " / " + state.capture.layers.length;
+  }
+
+  // -- a layer ---------------------------------------------------------------------------
+
+  async function selectLayer(name) {
+    state.layer = name;
+    state.channel = null;
+    for (const b of document.querySelectorAll("#layer-list button")) b.classList.toggle("active", b.dataset.layer === name);
+    $("layer-view").hidden = false;
+    $("channel-detail").hidden = true;
+    $("channel-empty").hidden = false;
+    $("grid-selected").hidden = true;
+    try {
+      const info = await (await api(captureUrl("/layer", { layer: name }))).json();
+      if (state.layer !== name) return;
+      state.layerInfo = info;
+      $("layer-title").textContent = name;
+      $("layer-meta").textContent =
+        info.type + " · " + info.shape.join("×") + " (C×H×W)" + (info.stride ? " · stride " + info.stride[0] : "");
+      const chips = $("layer-chips");
+      const chip = (label, value, alert) => {
+        const c = el("span", alert ? "chip alert" : "chip");
+        c.append(document.createTextNode(label + " "), el("b", null, value));
+        return c;
+      };
+      chips.replaceChildren(
+        chip("channels", String(info.channels)),
+        chip("dead", info.dead_count + " of " + info.channels + " (" + (info.dead_share * 100).toFixed(1) + "%)", info.dead_count > 0),
+        chip("min", fmt(info.layer_min)),
+        chip("mean", fmt(info.layer_mean)),
+        chip("max", fmt(info.layer_max))
+      );
+      await refreshView();
+      for (const l of state.capture.layers) if (l.name === name) l.captured = true;
+    } catch (err) {
+      fail(err);
+    }
+  }
+
+  async function refreshView() {
+    if (state.tab === "channels") await loadGrid();
+    else loadPca();
+    if (state.channel !== null) await selectChannel(state.channel);
+  }
+
+  async function loadGrid() {
+    const name = state.layer;
+    const v = view();
+    const img = $("grid-img");
+    const r = await api(captureUrl("/grid.png", Object.assign({ layer: name, map_size: mapSize() }, v)));
+    const meta = JSON.parse(r.headers.get("X-Featuremaps-Grid"));
+    const blob = await r.blob();
+    if (state.layer !== name) return;
+    if (state.gridUrl) URL.revokeObjectURL(state.gridUrl);
+    state.gridUrl = URL.createObjectURL(blob);
+    state.grid = meta;
+    await new Promise((resolve) => {
+      img.onload = resolve;
+      img.onerror = resolve;
+      img.src = state.gridUrl;
+    });
+    img.dataset.layer = name;
+    img.dataset.cmap = v.cmap;
+    img.dataset.channels = JSON.stringify(meta.channels);
+    img.dataset.boxes = JSON.stringify(meta.boxes);
+    const info = state.layerInfo;
+    const orderText = v.order === "top" ? "highest mean first" : "by index";
+    const scaleText =
+      v.scale === "channel"
+        ? "each map coloured from its own min to its own max"
+        : "all maps share the range " + fmt(meta.vmin[0]) + " … " + fmt(meta.vmax[0]);
+    $("grid-note").textContent =
+      meta.channels.length + " of " + info.channels + " channels, " + orderText + "; " + scaleText + " (" + v.norm + ", " + v.cmap + "). Click a channel to enlarge it.";
+    placeSelection();
+  }
+
+  /** Pixels per map so that the grid about fills the pane (the server rounds to an integer factor). */
+  function mapSize() {
+    const width = $("channels-pane").clientWidth || 600;
+    const shape = state.layerInfo ? state.layerInfo.shape : [64, 8, 8];
+    const k = Math.min(Number($("max-select").value), shape[0]);
+    const cols = Math.max(1, Math.ceil(Math.sqrt(k)));
+    const side = Math.floor((width - 2 * cols - 4) / cols);
+    return Math.max(16, Math.min(192, side));
+  }
+
+  function loadPca() {
+    const name = state.layer;
+    $("pca-img").src = captureUrl("/pca.png", { layer: name, size: 448 });
+    $("pca-overlay").src = captureUrl("/pca.png", { layer: name, mode: "overlay" });
+    $("pca-img").dataset.layer = name;
+  }
+
+  function boxAt(ev) {
+    const img = $("grid-img");
+    if (!state.grid || !img.naturalWidth) return -1;
+    const rect = img.getBoundingClientRect();
+    const x = ((ev.clientX - rect.left) * img.naturalWidth) / rect.width;
+    const y = ((ev.clientY - rect.top) * img.naturalHeight) / rect.height;
+    return state.grid.boxes.findIndex((b) => x >= b[0] && x < b[2] && y >= b[1] && y < b[3]);
+  }
+
+  function placeBox(node, i) {
+    const img = $("grid-img");
+    if (i < 0 || !state.grid) {
+      node.hidden = true;
+      return;
+    }
+    const s = img.clientWidth / img.naturalWidth;
+    const b = state.grid.boxes[i];
+    node.style.left = b[0] * s + "px";
+    node.style.top = b[1] * s + "px";
+    node.style.width = (b[2] - b[0]) * s + "px";
+    node.style.height = (b[3] - b[1]) * s + "px";
+    node.hidden = false;
+  }
+
+  function placeSelection() {
+    const i = state.grid && state.channel !== null ? state.grid.channels.indexOf(state.channel) : -1;
+    placeBox($("grid-selected"), i);
+  }
+
+  // -- a channel -------------------------------------------------------------------------
+
+  function loaded(img, url) {
+    return new Promise((resolve) => {
+      img.onload = resolve;
+      img.onerror = resolve;
+      img.src = url;
+    });
+  }
+
+  async function selectChannel(ch) {
+    state.channel = ch;
+    const name = state.layer;
+    const v = view();
+    placeSelection();
+    try {
+      const info = await (await api(captureUrl("/channel", { layer: name, channel: ch, norm: v.norm }))).json();
+      if (state.layer !== name || state.channel !== ch) return;
+      $("channel-empty").hidden = true;
+      $("channel-detail").hidden = false;
+      $("channel-title").textContent = name + " · channel " + ch;
+      const big = $("channel-img");
+      await Promise.all([
+        loaded(big, captureUrl("/channel.png", { layer: name, channel: ch, cmap: v.cmap, norm: v.norm, size: 448 })),
+        loaded($("colorbar-img"), "/api/colorbar.png?" + query({ cmap: v.cmap })),
+        loaded($("overlay-img"), captureUrl("/overlay.png", { layer: name, channel: ch, cmap: v.cmap, norm: v.norm, alpha: state.alpha })),
+      ]);
+      big.dataset.channel = String(ch);
+      big.dataset.layer = name;
+      const labels = $("cb-labels");
+      labels.replaceChildren(...[info.ticks[0], info.ticks[2], info.ticks[4]].map((t) => el("span", null, fmt(t))));
+      labels.dataset.vmin = String(info.vmin);
+      labels.dataset.vmax = String(info.vmax);
+      const marker = $("cb-mean");
+      const f = info.vmax > info.vmin ? (info.mean - info.vmin) / (info.vmax - info.vmin) : 0;
+      marker.hidden = info.norm !== "linear";
+      marker.style.left = "calc(" + (Math.max(0, Math.min(1, f)) * 100).toFixed(2) + "% - 1px)";
+      $("channel-scale-note").textContent =
+        "colours span this channel's range, " + info.norm + " · " + v.cmap + (info.norm === "linear" ? "; the black tick marks the mean" : "");
+      const dl = $("channel-stats");
+      dl.replaceChildren();
+      const stat = (label, value) => {
+        const d = el("div");
+        d.append(el("dt", null, label), el("dd", null, value));
+        dl.append(d);
+      };
+      stat("min", fmt(info.min));
+      stat("mean", fmt(info.mean));
+      stat("max", fmt(info.max));
+      stat("dead", info.dead ? "yes (all zero)" : "no");
+      stat("map", info.shape.join("×"));
+      stat("channel", ch + " (layer has " + state.layerInfo.channels + ")");
+      $("channel-pane").dataset.channel = String(ch);
+    } catch (err) {
+      fail(err);
+    }
+  }
+
+  // -- wiring ----------------------------------------------------------------------------
+
+  function wire() {
+    $("capture-form").addEventListener("submit", startCapture);
+    $("model-input").addEventListener("change", syncWeights);
+    for (const b of document.querySelectorAll(".sample")) b.addEventListener("click", () => pickSample(b.dataset.sample, b));
+    $("file-input").addEventListener("change", (ev) => upload(ev.target.files[0]));
+    $("layer-filter").addEventListener("input", () => state.capture && renderLayerList());
+    $("stages-only").addEventListener("change", () => state.capture && renderLayerList());
+    for (const id of ["cmap-select", "norm-select", "order-select", "scale-select", "max-select"]) {
+      $(id).addEventListener("change", () => state.layer && refreshView().catch(fail));
+    }
+    for (const tab of document.querySelectorAll(".tab")) {
+      tab.addEventListener("click", () => {
+        state.tab = tab.dataset.tab;
+        for (const t of document.querySelectorAll(".tab")) {
+          t.classList.toggle("active", t === tab);
+          t.setAttribute("aria-selected", String(t === tab));
+        }
+        $("channels-pane").hidden = state.tab !== "channels";
+        $("pca-pane").hidden = state.tab !== "pca";
+        $("channel-pane").hidden = state.tab !== "channels";
+        $("channel-controls").hidden = state.tab !== "channels";
+        $("view-body").classList.toggle("pca-mode", state.tab === "pca");
+        if (state.layer) refreshView().catch(fail);
+      });
+    }
+    const grid = $("grid-img");
+    grid.addEventListener("click", (ev) => {
+      const i = boxAt(ev);
+      if (i >= 0) selectChannel(state.grid.channels[i]);
+    });
+    grid.addEventListener("mousemove", (ev) => {
+      const i = boxAt(ev);
+      placeBox($("grid-hover"), i);
+      if (i >= 0 && state.layerInfo) {
+        const ch = state.grid.channels[i];
+        const li = state.layerInfo;
+        grid.title = "channel " + ch + " · min " + fmt(li.min[ch]) + " · mean " + fmt(li.mean[ch]) + " · max " + fmt(li.max[ch]);
+      }
+    });
+    grid.addEventListener("mouseleave", () => ($("grid-hover").hidden = true));
+    window.addEventListener("resize", placeSelection);
+    $("alpha-input").addEventListener("change", () => {
+      state.alpha = Number($("alpha-input").value) / 100;
+      if (state.channel !== null) selectChannel(state.channel);
+    });
+    document.addEventListener("keydown", (ev) => {
+      if (state.channel === null || !state.grid || ev.target.matches("input, select")) return;
+      const i = state.grid.channels.indexOf(state.channel);
+      if (ev.key === "ArrowRight" && i < state.grid.channels.length - 1) selectChannel(state.grid.channels[i + 1]);
+      if (ev.key === "ArrowLeft" && i > 0) selectChannel(state.grid.channels[i - 1]);
+    });
+    const hint = $("drop-hint");
+    document.addEventListener("dragover", (ev) => {
+      ev.preventDefault();
+      hint.hidden = false;
+    });
+    document.addEventListener("dragleave", (ev) => {
+      if (ev.relatedTarget === null) hint.hidden = true;
+    });
+    document.addEventListener("drop", (ev) => {
+      ev.preventDefault();
+      hint.hidden = true;
+      if (ev.dataTransfer.files.length) upload(ev.dataTransfer.files[0]);
+    });
+  }
+
+  wire();
+  loadConfig()
+    .then(() => {
+      document.body.dataset.ready = "1";
+    })
+    .catch(fail);
+})();
