@@ -17,13 +17,17 @@ or ``.safetensors`` file.
 from __future__ import annotations
 
 import importlib
+import inspect
+import math
 import os
+import socket
 import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.error import URLError
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -224,6 +228,7 @@ def _load_torchvision(name: str, mode: str) -> LoadedModel:
         kwargs: dict[str, Any] = {}
         if categories is not None:
             kwargs["num_classes"] = len(categories)
+        kwargs.update(_random_build_kwargs(name, preprocess))
         module = _build_random(lambda **kw: get_model(name, weights=None, **kw), kwargs)
         desc = "none (random init)"
     return LoadedModel(
@@ -235,6 +240,26 @@ def _load_torchvision(name: str, mode: str) -> LoadedModel:
         pretrained=mode == "default",
         extra={"family": "torchvision"},
     )
+
+
+def _random_build_kwargs(name: str, preprocess: Preprocess) -> dict[str, Any]:
+    """Arguments that make a random torchvision model match its pretrained twin.
+
+    A torchvision ViT is built for one input size: with random weights it gets the size
+    its DEFAULT weights (and so its preprocessing) use (ViT-H/14: 518, not 224). Models
+    with a pretrained backbone (detection, segmentation) get a random backbone too,
+    instead of trying to download one.
+    """
+    from torchvision.models import get_model_builder
+
+    params = inspect.signature(get_model_builder(name)).parameters
+    kwargs: dict[str, Any] = {}
+    if "weights_backbone" in params:
+        kwargs["weights_backbone"] = None
+    builder_module = getattr(get_model_builder(name), "__module__", "")
+    if builder_module.endswith("vision_transformer") and preprocess.crop:
+        kwargs["image_size"] = preprocess.crop
+    return kwargs
 
 
 def _build_random(build: Any, kwargs: dict[str, Any]) -> nn.Module:
@@ -285,8 +310,16 @@ def _download_torchvision(name: str, weights: Any) -> nn.Module:
 
 # -- timm ----------------------------------------------------------------------------------
 
+_INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
 
 def _load_timm(name: str, mode: str) -> LoadedModel:
+    """Build ``timm:NAME`` with its own data config as preprocessing.
+
+    ViT-family models are built with ``dynamic_img_size`` (and ``dynamic_img_pad``) where
+    the architecture takes them, so inputs of any size (non-square with ``--full``,
+    smaller ones) work; at the configured size the output is the same as without them.
+    """
     try:
         import timm
         import timm.data
@@ -297,27 +330,15 @@ def _load_timm(name: str, mode: str) -> LoadedModel:
             f"unknown timm model {name!r}.{suggest(name, timm.list_models())} "
             "List them with: python -c 'import timm; print(timm.list_models())'"
         )
-    try:
-        module = timm.create_model(name, pretrained=mode == "default")
-    except Exception as exc:  # hub and network errors come in many types
-        if mode != "default":
+    if mode == "default":
+        module = _timm_pretrained(name)
+    else:
+        torch.manual_seed(0)  # random weights are reproducible across runs
+        try:
+            module = _timm_create(name, pretrained=False)
+        except Exception as exc:
             raise ModelError(f"timm could not build {name!r}: {exc}") from exc
-        raise WeightsUnavailableError(
-            f"cannot fetch the pretrained weights of timm:{name} ({exc.__class__.__name__}). "
-            "Place them in the Hugging Face cache (HF_HOME) or use --weights none (random) "
-            f"or --weights PATH (a local state dict), or the offline model {OFFLINE_MODEL}."
-        ) from exc
-    cfg = timm.data.resolve_model_data_config(module)
-    size = int(cfg["input_size"][-1])
-    crop_pct = float(cfg.get("crop_pct") or 1.0)
-    preprocess = Preprocess(
-        resize=int(size / crop_pct),
-        crop=size,
-        mean=tuple(float(m) for m in cfg["mean"]),
-        std=tuple(float(s) for s in cfg["std"]),
-        interpolation=str(cfg.get("interpolation", "bicubic")),
-        source=f"timm data config of {name}",
-    )
+    preprocess = _timm_preprocess(module, name)
     categories = None
     if getattr(module, "num_classes", 0) == 1000:
         categories = imagenet_categories()
@@ -328,8 +349,150 @@ def _load_timm(name: str, mode: str) -> LoadedModel:
         weights="DEFAULT (timm pretrained)" if mode == "default" else "none (random init)",
         categories=categories,
         pretrained=mode == "default",
-        extra={"family": "timm"},
+        extra={
+            "family": "timm",
+            "dynamic_img_size": bool(getattr(module, "dynamic_img_size", False)),
+            "dynamic_img_pad": bool(
+                getattr(getattr(module, "patch_embed", None), "dynamic_img_pad", False)
+            ),
+        },
     )
+
+
+def _timm_create(name: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` taking any input size where the architecture allows.
+
+    ``dynamic_img_size`` resamples a ViT's position embedding to the input's patch grid,
+    ``dynamic_img_pad`` pads the input to a multiple of the patch size; both leave the
+    output at the configured input size unchanged. Architectures without them (CNNs)
+    are built plainly.
+    """
+    import timm
+
+    options: list[dict[str, Any]] = [
+        {"dynamic_img_size": True, "dynamic_img_pad": True},
+        {"dynamic_img_size": True},
+        {},
+    ]
+    for extra in options[:-1]:
+        try:
+            return timm.create_model(name, **extra, **kwargs)  # type: ignore[no-any-return]
+        except TypeError as exc:
+            if not any(key in str(exc) for key in extra):
+                raise
+    return timm.create_model(name, **kwargs)  # type: ignore[no-any-return]
+
+
+def _timm_preprocess(module: nn.Module, name: str) -> Preprocess:
+    """The model's own eval transform from timm's data config, as a :class:`Preprocess`."""
+    import timm.data
+
+    cfg = timm.data.resolve_model_data_config(module)
+    _, height, width = (int(v) for v in cfg["input_size"])
+    crop_pct = float(cfg.get("crop_pct") or 1.0)
+    crop_mode = str(cfg.get("crop_mode") or "center")
+    interpolation = str(cfg.get("interpolation") or "bicubic")
+    if interpolation not in _INTERPOLATIONS:
+        interpolation = "bicubic"
+    source = f"timm data config of {name}"
+    if crop_mode != "center" or height != width:
+        source += f" (its {crop_mode} crop of {height}x{width} approximated by a centre crop)"
+    return Preprocess(
+        resize=math.floor(max(height, width) / crop_pct),
+        crop=max(height, width),
+        mean=tuple(float(m) for m in cfg["mean"]),
+        std=tuple(float(s) for s in cfg["std"]),
+        interpolation=interpolation,
+        source=source,
+    )
+
+
+def _timm_pretrained(name: str) -> nn.Module:
+    """Pretrained timm model: downloaded when the hub is reachable, else from the cache.
+
+    Raises:
+        ModelError: timm has no pretrained weights for ``name``.
+        WeightsUnavailableError: they are neither cached nor downloadable.
+    """
+    import timm.models
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # unknown tags and the like
+        cfg = None
+    hub_id = str(getattr(cfg, "hf_hub_id", None) or "").split("@")[0]
+    url = str(getattr(cfg, "url", None) or "")
+    if cfg is None or not (hub_id or url or getattr(cfg, "file", None)):
+        raise ModelError(f"timm has no pretrained weights for {name!r}; use --weights none")
+    where = f"https://huggingface.co/{hub_id}" if hub_id else url
+    advice = (
+        f"Put its weights in the Hugging Face cache (`huggingface-cli download {hub_id}` on "
+        "a connected machine, then copy HF_HOME) or the torch hub cache, or use --weights "
+        "none (random), --weights PATH (a local state dict), or the offline pretrained "
+        f"model {OFFLINE_MODEL}."
+    )
+    if not _hub_reachable():
+        cached = _cached_timm_weights(cfg)
+        if cached is None:
+            raise WeightsUnavailableError(
+                f"cannot fetch the pretrained weights of timm:{name}: {where} is not "
+                f"reachable and they are not cached. {advice}"
+            )
+        try:
+            return _timm_create(name, pretrained=True, pretrained_cfg_overlay={"file": str(cached)})
+        except Exception as exc:
+            raise ModelError(
+                f"the cached weights of timm:{name} at {cached} cannot be loaded "
+                f"({exc.__class__.__name__}: {exc})"
+            ) from exc
+    try:
+        return _timm_create(name, pretrained=True)
+    except Exception as exc:  # hub and network errors come in many types
+        raise WeightsUnavailableError(
+            f"cannot fetch the pretrained weights of timm:{name} from {where} "
+            f"({exc.__class__.__name__}: {str(exc)[:200]}). {advice}"
+        ) from exc
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers, decided in seconds rather than minutes.
+
+    ``HF_HUB_OFFLINE`` means no; with a proxy configured the download is left to try.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:
+        socket.create_connection((host or "huggingface.co", 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _cached_timm_weights(cfg: Any) -> Path | None:
+    """A local copy of a timm pretrained config's weights (HF cache, torch hub, file)."""
+    file = getattr(cfg, "file", None)
+    if file and Path(file).is_file():
+        return Path(file)
+    hub_id = str(getattr(cfg, "hf_hub_id", None) or "").split("@")[0]
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache  # a dependency of timm
+
+        names = [getattr(cfg, "hf_hub_filename", None), "model.safetensors", "pytorch_model.bin"]
+        for filename in [n for n in names if n]:
+            found = try_to_load_from_cache(hub_id, filename)
+            if isinstance(found, str) and Path(found).is_file():
+                return Path(found)
+    url = getattr(cfg, "url", None)
+    if url:
+        from torch.hub import get_dir
+
+        target = Path(get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+        if target.is_file():
+            return target
+    return None
 
 
 # -- user code -----------------------------------------------------------------------------
