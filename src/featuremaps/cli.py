@@ -14,8 +14,16 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from .errors import FeatureMapsError
 
@@ -38,15 +46,17 @@ ModelArg = Annotated[
 WeightsOpt = Annotated[
     str,
     typer.Option(
-        "--weights", "-w",
+        "--weights",
+        "-w",
         help="DEFAULT (pretrained), none (random), or a .pth/.pt/.safetensors state dict.",
     ),
 ]
 LayersOpt = Annotated[
     str,
     typer.Option(
-        "--layers", "-l",
-        help="Comma-separated names, globs (layer*) or presets (stages, convs).",
+        "--layers",
+        "-l",
+        help="Comma-separated names, globs (layer*) or presets (stages, blocks, convs).",
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
@@ -65,23 +75,26 @@ def _root(
     """See what a vision network sees at every layer."""
 
 
+class _Rate(ProgressColumn):
+    """Items per second of a task."""
+
+    def render(self, task: Any) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:7.1f}/s" if speed else "")
+
+
 @contextmanager
-def _progress(enabled: bool = True) -> Iterator[Any]:
-    """A rich progress bar; yields the callback the library expects."""
-    bar = Progress(
-        TextColumn("{task.description:<8}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=not enabled,
-    )
+def _progress(enabled: bool = True, rate: bool = False) -> Iterator[Any]:
+    """A rich progress bar (with items/s if ``rate``); yields the library's callback."""
+    columns: list[Any] = [TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn()]
+    if rate:
+        columns.append(_Rate())
+    bar = Progress(*columns, TimeElapsedColumn(), console=err, transient=True, disable=not enabled)
     tasks: dict[str, Any] = {}
 
     def update(phase: str, done: int, total: int) -> None:
         if phase not in tasks:
-            tasks[phase] = bar.add_task(phase, total=total)
+            tasks[phase] = bar.add_task(phase, total=total, completed=done)
         bar.update(tasks[phase], completed=done, total=total)
 
     with bar:
@@ -196,15 +209,32 @@ def run(
         except ValueError:
             raise FeatureMapsError(f"--order {order!r}: use index, top or numbers like 3,7,12")
     opts = RenderOptions(
-        max_maps=max_maps or None, cols=cols, map_size=map_size, cmap=cmap, norm=norm,
-        order=chan_order, scale=scale, labels=labels, colorbar=colorbar, pca=pca,
+        max_maps=max_maps or None,
+        cols=cols,
+        map_size=map_size,
+        cmap=cmap,
+        norm=norm,
+        order=chan_order,
+        scale=scale,
+        labels=labels,
+        colorbar=colorbar,
+        pca=pca,
     )
     _check_render_options(opts)
     with _progress() as progress:
         result = run_pipeline(
-            model, images, layers, out_dir, weights=weights, options=opts, full=full,
-            device=device, save_activations=save_activations, pca_basis=pca_basis,
-            layout=_layout(tokens_grid, prefix_tokens), allow_nan=allow_nan,
+            model,
+            images,
+            layers,
+            out_dir,
+            weights=weights,
+            options=opts,
+            full=full,
+            device=device,
+            save_activations=save_activations,
+            pca_basis=pca_basis,
+            layout=_layout(tokens_grid, prefix_tokens),
+            allow_nan=allow_nan,
             progress=progress,
         )
     _print_summary(result.manifest_data, result.out_dir, len(result.files))
@@ -251,41 +281,14 @@ def demo(
 
     with _progress() as progress:
         result = run_pipeline(
-            model, [sample_image(sample)], "stages", out_dir,
-            options=RenderOptions(max_maps=64, labels=True), progress=progress,
+            model,
+            [sample_image(sample)],
+            "stages",
+            out_dir,
+            options=RenderOptions(max_maps=64, labels=True),
+            progress=progress,
         )
     _print_summary(result.manifest_data, result.out_dir, len(result.files))
-
-
-@contextmanager
-def _rate_progress() -> Iterator[Any]:
-    """Like :func:`_progress`, with the rate in items per second."""
-    from rich.progress import ProgressColumn
-    from rich.text import Text
-
-    class Rate(ProgressColumn):
-        def render(self, task: Any) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:7.1f}/s" if speed else "")
-
-    bar = Progress(
-        TextColumn("{task.description:<8}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        Rate(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    )
-    tasks: dict[str, Any] = {}
-
-    def update(phase: str, done: int, total: int) -> None:
-        if phase not in tasks:
-            tasks[phase] = bar.add_task(phase, total=total, completed=done)
-        bar.update(tasks[phase], completed=done, total=total)
-
-    with bar:
-        yield update
 
 
 @app.command()
@@ -317,7 +320,7 @@ def atlas(
     def show(message: Any, *args: Any, **kwargs: Any) -> None:
         err.print(f"warning: {message}", markup=False, highlight=False)
 
-    with _rate_progress() as progress, warnings.catch_warnings():
+    with _progress(rate=True) as progress, warnings.catch_warnings():
         warnings.showwarning = show
         r = build_atlas(
             model,
