@@ -31,6 +31,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     help="See what a vision network sees at every layer.",
 )
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
