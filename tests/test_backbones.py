@@ -13,14 +13,9 @@ import torchvision
 from torch import nn
 
 from conftest import FailingNet, hooks_left
-from featuremaps.capture import (
-    PRESETS,
-    LayoutContext,
-    capture,
-    list_layers,
-    model_tokens,
-)
+from featuremaps.capture import PRESETS, LayoutContext, capture, list_layers
 from featuremaps.errors import LayerError, ModelError, WeightsUnavailableError
+from featuremaps.layout import model_tokens
 
 
 @pytest.fixture
