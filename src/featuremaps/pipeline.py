@@ -96,6 +96,13 @@ def top_predictions(
     ]
 
 
+def predictions_note(is_classifier: bool, pretrained: bool) -> str:
+    """Why a result carries no top-5 predictions."""
+    if is_classifier and not pretrained:
+        return "random weights: predictions would be meaningless, so none are shown"
+    return "not an ImageNet classifier: no predictions"
+
+
 def _unique_keys(paths: Sequence[Path]) -> list[str]:
     keys: list[str] = []
     for p in paths:
@@ -262,8 +269,10 @@ def run(
             "predictions": res.predictions,
             "layers": {},
         }
-        if res.predictions is None and loaded.is_imagenet_classifier and not loaded.pretrained:
-            entry["predictions_note"] = "random weights: predictions are meaningless"
+        if res.predictions is None:
+            entry["predictions_note"] = predictions_note(
+                loaded.is_imagenet_classifier, loaded.pretrained
+            )
         from PIL import Image
 
         files.append(_save(Image.fromarray(res.display), folder / "input.png"))

@@ -39,7 +39,7 @@ from ._files import write_bytes
 from .capture import FeatureMaps, LayoutContext
 from .errors import FeatureMapsError, ReduceError
 from .models import LoadedModel, load_model
-from .pipeline import ImageResult, Progress, analyze, layer_record
+from .pipeline import ImageResult, Progress, analyze, layer_record, predictions_note
 from .reduce import apply_scaling, compute_scaling, pca_rgb, select_channels
 from .render import colormap_lut, pca_picture
 
@@ -186,11 +186,7 @@ def _image_data(
     display = Image.fromarray(res.display)
     note = None
     if res.predictions is None:
-        note = (
-            "random weights: predictions would be meaningless, so none are shown"
-            if model.is_imagenet_classifier and not model.pretrained
-            else "not an ImageNet classifier: no predictions"
-        )
+        note = predictions_note(model.is_imagenet_classifier, model.pretrained)
     elif not model.pretrained:
         note = "random weights: these predictions are meaningless"
     return {

@@ -48,7 +48,7 @@ from .capture import LayerInfo, capture, list_layers, resolve_layers
 from .errors import FeatureMapsError, LayerError, suggest
 from .images import SAMPLES, preprocess, sample_image, to_rgb
 from .models import LoadedModel, available_models, load_model
-from .pipeline import top_predictions
+from .pipeline import predictions_note, top_predictions
 from .reduce import Norm, Scaling, apply_scaling, channel_stats, compute_scaling, pca_rgb
 from .render import colorize, colormap_lut, overlay, pca_picture, render_grid, upsample
 
@@ -757,11 +757,7 @@ def create_app(
         e = engine.capture_entry(capture_id)
         note = None
         if e.predictions is None:
-            note = (
-                "random weights: predictions would be meaningless, so none are shown"
-                if e.classifier and not e.pretrained
-                else "not an ImageNet classifier: no predictions"
-            )
+            note = predictions_note(e.classifier, e.pretrained)
         stages = set(e.stages)
         return {
             "capture_id": e.id,
