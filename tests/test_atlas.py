@@ -25,6 +25,8 @@ from featuremaps.atlas import (
     STATE_FILE,
     BatchResult,
     SkippedImageWarning,
+    _covariance,
+    _pca_pixels,
     _top_k,
     build_atlas,
     crop_box,
@@ -419,6 +421,18 @@ def test_ray_results_are_folded_in_batch_order() -> None:
 
     arrived = [BatchResult(i, 0, [], []) for i in (3, 1, 7, 5)]
     assert [r.index for r in _in_batch_order(iter(arrived), [1, 3, 5, 7])] == [1, 3, 5, 7]
+
+
+def test_covariance_of_large_maps_uses_a_regular_grid_of_pixels() -> None:
+    torch.manual_seed(0)
+    maps = torch.relu(torch.randn(3, 8, 100, 90)) + 50.0  # a large offset: no cancellation
+    flat = maps.numpy().reshape(3, 8, -1).copy()
+    acc = _covariance(*_pca_pixels(flat, flat.sum(2, dtype=np.float64), (100, 90)))
+    want = PCAAccumulator(8)
+    want.update(maps[:, :, ::2, ::2])  # 9000 pixels: every 2nd row and column
+    assert acc.n == want.n == 3 * 50 * 45
+    np.testing.assert_allclose(acc.sum, want.sum, rtol=1e-12)
+    np.testing.assert_allclose(acc.cosum, want.cosum, rtol=1e-9)
 
 
 def test_crop_box_is_centred_and_clipped() -> None:

@@ -4,8 +4,9 @@ For every channel of every selected layer, :func:`build_atlas` keeps the ``top``
 with the highest score (the spatial max of the channel, or its mean), with the location
 of the max and a crop of the input region that feeds it. It also gathers, per channel,
 the mean activation and the share of images where the channel is dead (all zero), and
-fits a per-layer PCA basis over every pixel of the dataset (streaming: accumulated
-covariance, never the pixels themselves).
+fits a per-layer PCA basis over the pixels of the whole dataset (streaming: accumulated
+covariance, never the pixels themselves; maps larger than ``PCA_PIXELS`` contribute a
+regular grid of their pixels).
 
 Determinism. ``atlas.json`` is a function of the dataset and the options only:
 
@@ -67,6 +68,8 @@ CROP_FACTOR = 2.0
 MIN_CROP = 16
 """A crop is ``CROP_FACTOR * stride`` (at least ``MIN_CROP``) input pixels on each side,
 centred on the map cell, clipped to the image."""
+PCA_PIXELS = 4096
+"""Pixels per map (per image and layer) the dataset PCA basis uses at most."""
 STATE_FILE = "atlas_state.npz"
 _STATE_VERSION = 1
 _NO_IMAGE = np.iinfo(np.int64).max  # id of an empty top-K slot
@@ -312,14 +315,19 @@ def process_batch(
         flats = [f[keep] for f in flats]
         sums = [s[keep] for s in sums]
     layers = [
-        _layer_partial(f, s, ids, fm[name].shape[-1], spec.top, spec.score)
+        _layer_partial(f, s, ids, (fm[name].shape[-2], fm[name].shape[-1]), spec.top, spec.score)
         for name, f, s in zip(spec.names, flats, sums, strict=True)
     ]
     return BatchResult(batch.index, len(ids), sorted(bad), layers)
 
 
 def _layer_partial(
-    flat: np.ndarray, sums: np.ndarray, ids: np.ndarray, width: int, top: int, score: str
+    flat: np.ndarray,
+    sums: np.ndarray,
+    ids: np.ndarray,
+    size: tuple[int, int],
+    top: int,
+    score: str,
 ) -> LayerPartial:
     """Scores, locations, sums, dead counts and covariance of ``(B, C, H*W)`` maps.
 
@@ -327,11 +335,12 @@ def _layer_partial(
         flat: the maps, float32 (overwritten: see :func:`_covariance`).
         sums: ``(B, C)`` float64 sum of each map.
         ids: the image id of each map.
-        width: ``W``, to turn flat positions into ``(y, x)``.
+        size: ``(H, W)`` of the maps.
         top: K.
         score: ``max`` or ``mean``.
     """
     b, c, hw = flat.shape
+    width = size[1]
     if b == 0:
         return LayerPartial.empty(c, top)
     where = flat.argmax(2)  # the first maximum
@@ -349,8 +358,28 @@ def _layer_partial(
         padded((where % width).T, 0),
     )
     dead = ((peak == 0) & (sums == 0)).sum(0)  # all values <= 0 and summing to 0
-    total, cov = sums.sum(0), _covariance(flat, sums)
+    total, cov = sums.sum(0), _covariance(*_pca_pixels(flat, sums, size))
     return LayerPartial(top_scores, top_ids, ys, xs, total, dead.astype(np.int64), cov)
+
+
+def _pca_pixels(
+    flat: np.ndarray, sums: np.ndarray, size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels the PCA basis is fitted on, and their per-map sums.
+
+    Every pixel of maps of up to ``PCA_PIXELS`` pixels; of larger maps (the first stages
+    of a network), every ``s``-th row and column, ``s`` the smallest step that brings
+    them under ``PCA_PIXELS``: a regular grid, plenty for a covariance over a dataset,
+    and several times cheaper.
+    """
+    h, w = size
+    step = math.ceil(math.sqrt(h * w / PCA_PIXELS))
+    if step == 1:
+        return flat, sums
+    b, c = flat.shape[:2]
+    grid = flat.reshape(b, c, h, w)[:, :, ::step, ::step]
+    sub = np.ascontiguousarray(grid).reshape(b, c, -1)
+    return sub, sub.sum(2, dtype=np.float64)
 
 
 def _covariance(flat: np.ndarray, sums: np.ndarray) -> PCAAccumulator:
