@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+from .atlas import AtlasResult, SkippedImageWarning, build_atlas
 from .capture import Capture, FeatureMaps, LayerInfo, LayoutContext, capture, list_layers
 from .errors import FeatureMapsError, ImageError, LayerError, ModelError, ReduceError
 from .images import display_image, expand_inputs, load_image, preprocess, sample_image
@@ -21,6 +22,7 @@ from .render import channel_grid, overlay, pca_panel, render_grid, show
 __version__ = "0.1.0"
 
 __all__ = [
+    "AtlasResult",
     "Capture",
     "FeatureMaps",
     "FeatureMapsError",
@@ -35,8 +37,10 @@ __all__ = [
     "Preprocess",
     "ReduceError",
     "RenderOptions",
+    "SkippedImageWarning",
     "analyze",
     "available_models",
+    "build_atlas",
     "capture",
     "channel_grid",
     "channel_stats",
