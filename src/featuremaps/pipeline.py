@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ._files import atomic_path, save_image, write_json
 from .capture import FeatureMaps, LayoutContext, capture
@@ -273,8 +274,6 @@ def run(
             entry["predictions_note"] = predictions_note(
                 loaded.is_imagenet_classifier, loaded.pretrained
             )
-        from PIL import Image
-
         files.append(_save(Image.fromarray(res.display), folder / "input.png"))
         pcas: dict[str, np.ndarray] = {}
         for name in res.maps:
