@@ -86,6 +86,37 @@ def test_pca_degenerate_inputs_are_defined() -> None:
         pca_rgb(torch.randn(5, 5))
 
 
+def test_pca_large_offsets_keep_the_float64_subspace() -> None:
+    """Means far above the spread: the float32 scatter alone would cancel to noise."""
+    fmap = _structured() * 1e-3 + torch.linspace(100.0, 400.0, 32)[:, None, None]
+    flat = fmap.reshape(32, -1).T.double().numpy()
+    ref = PCA(n_components=3, svd_solver="full").fit(flat)
+    basis = pca_basis(fmap, 3)
+    cos = np.abs(np.sum(basis.components * ref.components_, axis=1))
+    np.testing.assert_allclose(cos, 1.0, atol=1e-4)
+    np.testing.assert_allclose(basis.explained, ref.explained_variance_, rtol=1e-3)
+
+
+def test_pca_strided_input_and_bad_values() -> None:
+    fmap = _structured()
+    strided = fmap.permute(0, 2, 1).contiguous().permute(0, 2, 1)  # same values, not contiguous
+    assert not strided.is_contiguous()
+    np.testing.assert_allclose(pca_rgb(strided), pca_rgb(fmap), atol=1e-6)
+    inf = fmap.clone()
+    inf[3, 2, 1] = float("inf")
+    with pytest.raises(ReduceError, match="1 NaN/Inf value"):
+        pca_rgb(inf)
+    huge = fmap.clone()
+    huge[0, 0, 0] = 1e30  # finite, but its square overflows float32
+    with pytest.raises(ReduceError, match="too large"):
+        pca_basis(huge)
+    basis = pca_basis(fmap)
+    with pytest.raises(ReduceError, match="NaN/Inf"):
+        basis.to_rgb(inf)
+    with pytest.raises(ReduceError, match="32 channels"):
+        basis.to_rgb(fmap[:5])
+
+
 def test_joint_basis_over_batch_shares_colours() -> None:
     a = _structured(seed=0)
     b = a.clone()

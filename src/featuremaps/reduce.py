@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import scipy.linalg
 import torch
 
 from .errors import ReduceError
@@ -179,24 +180,38 @@ class PCABasis:
         c, h, w = t.shape
         if c != self.mean.shape[0]:
             raise ReduceError(f"basis is for {self.mean.shape[0]} channels, map has {c}")
-        _check_finite(t)
-        x = t.permute(1, 2, 0).reshape(-1, c).double()
-        comps = torch.from_numpy(self.components).double()
-        y = (x - torch.from_numpy(self.mean).double()) @ comps.T
-        return y.reshape(h, w, -1).numpy()
+        x = _pixels(t[None])[0]
+        if not np.isfinite(x.sum(dtype=np.float64)):
+            _raise_not_finite(x)
+        return _project(x, self.components, self.mean).T.reshape(h, w, -1)
 
     def to_rgb(self, fmap: ArrayLike) -> np.ndarray:
         """Project and scale to [0, 1]: ``(H, W, K)`` (``(H, W)`` for one component)."""
         return _scaled(self.project(fmap), self.lo, self.hi)
 
 
-def _check_finite(t: torch.Tensor) -> None:
-    bad = int((~torch.isfinite(t)).sum())
+def _pixels(t: torch.Tensor) -> np.ndarray:
+    """``(B, C, H, W)`` as a ``(B, C, H*W)`` float32 array; a view when already contiguous."""
+    return np.ascontiguousarray(t.numpy(), dtype=np.float32).reshape(t.shape[0], t.shape[1], -1)
+
+
+def _raise_not_finite(x: np.ndarray) -> None:
+    bad = int((~np.isfinite(x)).sum())
     if bad:
         raise ReduceError(
-            f"the map holds {bad} NaN/Inf value(s) of {t.numel()}; PCA needs finite values "
+            f"the map holds {bad} NaN/Inf value(s) of {x.size}; PCA needs finite values "
             "(check the model's input and weights)"
         )
+    raise ReduceError(
+        f"the map holds values up to {float(np.abs(x).max()):.3g}, too large for PCA in "
+        "float32; rescale the map first"
+    )
+
+
+def _project(x: np.ndarray, comps: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """``(K, N)`` projections of the ``(C, N)`` pixels ``x`` onto a basis, in float32."""
+    w = comps.astype(np.float32)
+    return w @ x - (w.astype(np.float64) @ mean).astype(np.float32)[:, None]
 
 
 def _scaled(y: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -207,22 +222,71 @@ def _scaled(y: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return out[..., 0] if out.shape[-1] == 1 else out
 
 
-def _fit(cov: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k eigenvectors of a covariance matrix with a deterministic sign."""
+def _fit(cov: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top-k eigenvectors ``(k, C)`` of a covariance matrix, with a deterministic sign.
+
+    Only the k largest eigenpairs are computed (LAPACK ``syevr`` through SciPy). Each
+    component's largest-magnitude loading is made positive, so re-runs keep their colours.
+    Fewer channels than components: the missing components are zero vectors.
+    """
     c = cov.shape[0]
-    evals, evecs = torch.linalg.eigh(cov)  # ascending
-    order = torch.flip(torch.arange(c), [0])[: min(k, c)]
-    comps = evecs[:, order].T.clone()  # (k', C)
-    vals = evals[order].clamp_min(0)
-    idx = comps.abs().argmax(1)
-    signs = torch.sign(comps[torch.arange(comps.shape[0]), idx])
-    signs[signs == 0] = 1
-    comps *= signs[:, None]
-    if comps.shape[0] < k:  # fewer channels than components: pad with zero components
-        pad = torch.zeros(k - comps.shape[0], c, dtype=comps.dtype)
-        comps = torch.cat([comps, pad])
-        vals = torch.cat([vals, torch.zeros(k - vals.shape[0], dtype=vals.dtype)])
-    return comps.numpy(), vals.numpy()
+    kk = min(k, c)
+    vals, vecs = scipy.linalg.eigh(cov, subset_by_index=[c - kk, c - 1])  # ascending
+    comps = vecs[:, ::-1].T.copy()  # (k', C), strongest first
+    vals = np.clip(vals[::-1], 0.0, None)
+    rows = np.arange(kk)
+    signs = np.sign(comps[rows, np.abs(comps).argmax(1)])
+    comps *= np.where(signs == 0, 1.0, signs)[:, None]
+    if kk < k:
+        comps = np.concatenate([comps, np.zeros((k - kk, c))])
+        vals = np.concatenate([vals, np.zeros(k - kk)])
+    return comps, vals
+
+
+def _fit_pixels(x: np.ndarray, n_components: int) -> tuple[PCABasis, list[np.ndarray]]:
+    """Fit a basis on ``(B, C, N)`` float32 pixels; also return each image's projections.
+
+    The scatter matrix is one float32 BLAS product per image on the pixels as they lie
+    (``sum x x^T``, no transposed or centred copy), centred afterwards in float64
+    (``- n m m^T``). When the means are so large against the spread that float32 would
+    lose the covariance to cancellation, the pixels are centred first.
+    """
+    b, c, n = x.shape
+    total = b * n
+    sums = x.sum(2, dtype=np.float64)  # (B, C)
+    if not np.isfinite(sums).all():
+        _raise_not_finite(x)
+    mean = sums.sum(0) / total
+    scatter = np.zeros((c, c))
+    with np.errstate(over="ignore"):  # an overflow is reported below, by name
+        for img in x:
+            scatter += img @ img.T  # float32 syrk
+    if not np.isfinite(scatter).all():
+        _raise_not_finite(x)
+    cov = (scatter - total * np.outer(mean, mean)) / max(total - 1, 1)
+    # float32 sums carry errors of about 1e-7 * C of the raw second moments: when these
+    # exceed the variance 100 times over (constant maps, large offsets), centre first.
+    if float(np.trace(scatter)) / total > 100.0 * float(np.trace(cov)):
+        m32 = mean.astype(np.float32)[:, None]
+        scatter = np.zeros((c, c))
+        for img in x:
+            d = img - m32
+            scatter += d @ d.T
+        cov = scatter / max(total - 1, 1)
+    comps, vals = _fit(cov, n_components)
+    ys = [_project(img, comps, mean) for img in x]
+    lo = np.min([y.min(1) for y in ys], 0).astype(np.float64)
+    hi = np.max([y.max(1) for y in ys], 0).astype(np.float64)
+    return PCABasis(mean, comps, vals, lo, hi), ys
+
+
+def _as_batch(fmaps: ArrayLike) -> torch.Tensor:
+    t = as_tensor(fmaps)
+    if t.ndim == 3:
+        t = t[None]
+    if t.ndim != 4:
+        raise ReduceError(f"expected (C, H, W) or (B, C, H, W), got {tuple(t.shape)}")
+    return t
 
 
 def pca_basis(fmaps: ArrayLike, n_components: int = 3) -> PCABasis:
@@ -233,22 +297,7 @@ def pca_basis(fmaps: ArrayLike, n_components: int = 3) -> PCABasis:
     """
     if n_components < 1:
         raise ReduceError("n_components must be at least 1")
-    t = as_tensor(fmaps)
-    if t.ndim == 3:
-        t = t[None]
-    if t.ndim != 4:
-        raise ReduceError(f"expected (C, H, W) or (B, C, H, W), got {tuple(t.shape)}")
-    _check_finite(t)
-    c = t.shape[1]
-    x = t.permute(0, 2, 3, 1).reshape(-1, c).double()
-    mean = x.mean(0)
-    xc = x - mean
-    cov = xc.T @ xc / max(x.shape[0] - 1, 1)
-    comps, vals = _fit(cov, n_components)
-    y = xc @ torch.from_numpy(comps).T
-    lo = y.amin(0).numpy()
-    hi = y.amax(0).numpy()
-    return PCABasis(mean.numpy(), comps, vals, lo, hi)
+    return _fit_pixels(_pixels(_as_batch(fmaps)), n_components)[0]
 
 
 def pca_rgb(fmap: ArrayLike, n_components: int = 3, *, basis: PCABasis | None = None) -> np.ndarray:
@@ -276,13 +325,16 @@ def pca_rgb(fmap: ArrayLike, n_components: int = 3, *, basis: PCABasis | None = 
         >>> rgb.shape
         (14, 14, 3)
     """
-    t = as_tensor(fmap)
-    if t.ndim == 4 and t.shape[0] > 1:
-        b = basis or pca_basis(t, n_components)
-        return np.stack([b.to_rgb(m) for m in t])
-    if basis is None:
-        basis = pca_basis(_as_chw(t), n_components)
-    return basis.to_rgb(t)
+    if n_components < 1:
+        raise ReduceError("n_components must be at least 1")
+    t = _as_batch(fmap)
+    if basis is not None:
+        pics = [basis.to_rgb(m) for m in t]
+        return pics[0] if len(pics) == 1 else np.stack(pics)
+    h, w = t.shape[2:]
+    fitted, ys = _fit_pixels(_pixels(t), n_components)
+    pics = [_scaled(y.T.reshape(h, w, -1), fitted.lo, fitted.hi) for y in ys]
+    return pics[0] if t.shape[0] == 1 else np.stack(pics)
 
 
 class PCAAccumulator:
@@ -302,7 +354,8 @@ class PCAAccumulator:
         t = as_tensor(fmaps)
         if t.ndim == 3:
             t = t[None]
-        _check_finite(t)
+        if not torch.isfinite(t.sum()):
+            _raise_not_finite(t.numpy())
         x = t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).double()
         self.n += x.shape[0]
         self.sum += x.sum(0)
@@ -319,7 +372,7 @@ class PCAAccumulator:
             raise ReduceError("a PCA basis needs at least two pixels")
         mean = self.sum / self.n
         cov = (self.cosum - self.n * torch.outer(mean, mean)) / (self.n - 1)
-        comps, vals = _fit(cov, n_components)
+        comps, vals = _fit(cov.numpy(), n_components)
         sd = np.sqrt(vals)
         return PCABasis(mean.numpy(), comps, vals, -3 * sd, 3 * sd)
 
