@@ -44,7 +44,7 @@ def test_nan_activations_stop_the_run_unless_allowed(tmp_path: Path, photo: Path
     )
     rec = r.manifest_data["images"][0]["layers"]["0"]
     assert "NaN" in rec["pca_error"]
-    grid = np.asarray(Image.open(tmp_path / "b" / rec["grid"]))
+    grid = np.asarray(Image.open(tmp_path / "b" / rec["grid"]).convert("RGB"))
     assert (grid == [255, 0, 255]).all(-1).any()
 
 

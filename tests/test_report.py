@@ -21,7 +21,7 @@ from featuremaps.cli import main
 from featuremaps.errors import FeatureMapsError
 from featuremaps.models import LoadedModel, Preprocess
 from featuremaps.reduce import select_channels
-from featuremaps.render import colormap_lut, render_grid
+from featuremaps.render import LEVEL_LUT, LEVELS, colormap_lut, render_grid
 from featuremaps.report import (
     REPORT_CMAPS,
     build_report,
@@ -90,6 +90,7 @@ def test_report_is_one_file_that_asks_for_nothing(weird: LoadedModel, photo: Pat
     assert set(data["luts"]) == set(REPORT_CMAPS)
     lut = np.frombuffer(base64.b64decode(data["luts"]["viridis"]), np.uint8).reshape(256, 3)
     np.testing.assert_array_equal(lut, colormap_lut("viridis"))
+    assert data["levels"] == LEVELS
 
 
 def test_embedded_channels_are_the_activations(weird: LoadedModel, photo: Path) -> None:
@@ -104,10 +105,13 @@ def test_embedded_channels_are_the_activations(weird: LoadedModel, photo: Path) 
         q, vmin, vmax = quantize(maps)
         for i, cell in enumerate(cells(layer)):
             np.testing.assert_array_equal(cell, q[i])
-            # value = vmin + q / 255 * (vmax - vmin), within half a quantization step
+            assert np.isin(cell, LEVEL_LUT).all()  # only the grid's levels
+            # value = vmin + q / 255 * (vmax - vmin), within half a level (the grid's
+            # quantization) plus half a step of the 256-entry table (where q sits)
             span = vmax[i] - vmin[i]
             back = layer["vmin"][i] + cell / 255.0 * (layer["vmax"][i] - layer["vmin"][i])
-            assert np.abs(back - maps[i]).max() <= span / 510 + 1e-4 * max(1.0, abs(span))
+            step = span / (2 * (LEVELS - 1)) + span / 510
+            assert np.abs(back - maps[i]).max() <= step + 1e-4 * max(1.0, abs(span))
         np.testing.assert_allclose(layer["vmin"], maps.reshape(6, -1).min(1), rtol=1e-5)
         np.testing.assert_allclose(layer["vmax"], maps.reshape(6, -1).max(1), rtol=1e-5)
         dead = (maps.reshape(6, -1) == 0).all(1)
@@ -121,9 +125,11 @@ def test_quantized_maps_coloured_by_the_lut_are_the_renderers_pixels() -> None:
     grid = render_grid(maps, max_maps=None, map_size=1, cols=5)
     q, _, _ = quantize(maps)
     lut = colormap_lut("viridis")
-    canvas = np.asarray(grid.image)
+    canvas = np.asarray(grid.image.convert("RGB"))
+    levels = np.asarray(grid.image)
     for i, (x0, y0, x1, y1) in enumerate(grid.boxes):
         np.testing.assert_array_equal(canvas[y0:y1, x0:x1], lut[q[i]])
+        np.testing.assert_array_equal(LEVEL_LUT[levels[y0:y1, x0:x1]], q[i])
 
 
 def test_user_strings_are_escaped(weird: LoadedModel, tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ LIMIT = 300_000
 def png(resp: Any) -> np.ndarray:
     assert resp.status_code == 200, resp.text
     assert resp.headers["content-type"] == "image/png"
-    return np.asarray(Image.open(io.BytesIO(resp.content)))
+    return np.asarray(Image.open(io.BytesIO(resp.content)).convert("RGB"))
 
 
 def photo_bytes(size: tuple[int, int] = (64, 48), fmt: str = "PNG") -> bytes:

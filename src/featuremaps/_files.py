@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 @contextmanager
@@ -43,7 +46,21 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def save_image(img: Any, path: str | os.PathLike[str], **kwargs: Any) -> None:
-    """Save a PIL image atomically; the format follows the suffix of ``path``."""
+    """Save a PIL image atomically; the format follows the suffix of ``path``.
+
+    Palette images (the channel grids) are written as they are, one byte per pixel,
+    except to JPEG, which has no palette: they are converted to RGB first. A palette
+    PNG whose rows rarely repeat (maps drawn at their own size, not upsampled) is
+    compressed with zlib's run-length strategy unless ``compress_type`` is given: twice
+    as fast as the default strategy for files about 1-7 % larger. Upsampled maps repeat
+    their rows, which only the default strategy finds.
+    """
     fmt = Path(path).suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG"
+    if fmt == "JPEG" and img.mode == "P":
+        img = img.convert("RGB")
+    if fmt == "PNG" and img.mode == "P" and "compress_type" not in kwargs:
+        rows = np.asarray(img)
+        if rows.shape[0] > 1 and (rows[1:] == rows[:-1]).all(axis=1).mean() < 0.25:
+            kwargs["compress_type"] = zlib.Z_RLE
     with atomic_path(path) as tmp:
         img.save(tmp, format=fmt, **kwargs)

@@ -97,25 +97,57 @@ class Scaling:
 def compute_scaling(maps: np.ndarray, norm: Norm = "linear", per_channel: bool = True) -> Scaling:
     """Bounds for ``(K, H, W)`` maps: each channel's own or the layer's shared min/max.
 
-    For ``log`` the lower bound is the smallest positive value (values <= 0 show at the
-    bottom of the scale); for ``symlog`` the linear range is 1% of the largest magnitude.
+    NaN and ±Inf values are left out of the bounds. For ``log`` the lower bound is the
+    smallest positive value (values <= 0 show at the bottom of the scale); for ``symlog``
+    the linear range is 1% of the largest magnitude. A channel with no usable value gets
+    0..0 (``log``: 1..1). The bounds are float64 copies of values of the maps.
     """
     if norm not in ("linear", "log", "symlog"):
         raise ReduceError(f"norm {norm!r}: use linear, log or symlog")
     k = maps.shape[0]
-    flat = maps.reshape(k, -1).astype(np.float64)
-    finite = np.where(np.isfinite(flat), flat, np.nan)
-    with np.errstate(all="ignore"):
+    flat = _float(maps).reshape(k, -1)
+    if flat.size and _all_finite(flat):  # the usual case: plain min/max, no NaN masks
+        lo, hi = _bounds(flat, per_channel)
         if norm == "log":
-            pos = np.where(finite > 0, finite, np.nan)
-            lo = _nan_reduce(np.nanmin, pos, per_channel, 1.0)
-            hi = _nan_reduce(np.nanmax, pos, per_channel, 1.0)
-        else:
-            lo = _nan_reduce(np.nanmin, finite, per_channel, 0.0)
-            hi = _nan_reduce(np.nanmax, finite, per_channel, 0.0)
-        mag = np.maximum(np.abs(lo), np.abs(hi))
+            if not (lo > 0).all():
+                lo, _ = _bounds(np.where(flat > 0, flat, np.inf), per_channel)
+            none = ~(hi > 0)
+            lo[none] = hi[none] = 1.0
+    else:
+        finite = np.where(np.isfinite(flat), flat, np.nan)
+        with np.errstate(all="ignore"):
+            if norm == "log":
+                pos = np.where(finite > 0, finite, np.nan)
+                lo = _nan_reduce(np.nanmin, pos, per_channel, 1.0)
+                hi = _nan_reduce(np.nanmax, pos, per_channel, 1.0)
+            else:
+                lo = _nan_reduce(np.nanmin, finite, per_channel, 0.0)
+                hi = _nan_reduce(np.nanmax, finite, per_channel, 0.0)
+    mag = np.maximum(np.abs(lo), np.abs(hi))
     lin = np.where(mag > 0, mag * 0.01, 1.0)
     return Scaling(lo, hi, norm, lin)
+
+
+def _float(maps: np.ndarray) -> np.ndarray:
+    """The maps as a float array: no copy when they already are one."""
+    a = np.asarray(maps)
+    return a if a.dtype.kind == "f" else a.astype(np.float64)
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """No NaN or ±Inf in ``a``: a finite sum says so in one cheap pass."""
+    with np.errstate(all="ignore"):
+        if np.isfinite(a.sum()):
+            return True
+    return bool(np.isfinite(a).all())  # the sum overflowed or some value is not finite
+
+
+def _bounds(flat: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Min and max of ``(K, N)`` values, per row or shared, as ``(K,)`` float64."""
+    if per_channel:
+        return flat.min(axis=1).astype(np.float64), flat.max(axis=1).astype(np.float64)
+    k = flat.shape[0]
+    return np.full(k, float(flat.min())), np.full(k, float(flat.max()))
 
 
 def _nan_reduce(fn: object, a: np.ndarray, per_channel: bool, empty: float) -> np.ndarray:
@@ -131,25 +163,44 @@ def _nan_reduce(fn: object, a: np.ndarray, per_channel: bool, empty: float) -> n
 
 
 def _symlog(x: np.ndarray, lin: np.ndarray | float) -> np.ndarray:
-    return np.sign(x) * np.log10(1.0 + np.abs(x) / lin)
+    """``sign(x) * log10(1 + |x| / lin)``, in the precision of ``x``."""
+    out = np.abs(x) / lin
+    np.log1p(out, out=out)
+    out *= 1.0 / np.log(10.0)
+    return np.copysign(out, x, out=out)
 
 
 def apply_scaling(maps: np.ndarray, s: Scaling) -> np.ndarray:
-    """Map ``(K, H, W)`` values to [0, 1] (NaN stays NaN). Constant channels give 0."""
-    x = maps.astype(np.float64)
-    lo = s.vmin[:, None, None]
-    hi = s.vmax[:, None, None]
+    """Map ``(K, H, W)`` values to [0, 1] as ``s`` says; a new array.
+
+    The result is float32 for float32 (or narrower) maps and float64 for float64 ones.
+    Values outside the bounds are clipped to 0 or 1, NaN and ±Inf become NaN, and a
+    channel whose bounds are equal gives 0.
+    """
+    x = _float(maps)
+    dt = np.result_type(x.dtype, np.float32)
+    lo = s.vmin[:, None, None].astype(np.float64)
+    hi = s.vmax[:, None, None].astype(np.float64)
     with np.errstate(all="ignore"):
         if s.norm == "log":
-            x = np.log10(np.clip(x, lo, None))
+            t = np.maximum(x, lo.astype(dt), dtype=dt)
+            np.log10(t, out=t)
             lo, hi = np.log10(lo), np.log10(hi)
         elif s.norm == "symlog":
-            lin = s.linthresh[:, None, None]
-            x, lo, hi = _symlog(x, lin), _symlog(lo, lin), _symlog(hi, lin)
-        span = hi - lo
-        out = np.where(span > 0, (x - lo) / np.where(span > 0, span, 1.0), 0.0)
-    out = np.clip(out, 0.0, 1.0)
-    out[~np.isfinite(maps)] = np.nan
+            lin = s.linthresh[:, None, None].astype(np.float64)
+            t = _symlog(x.astype(dt, copy=False), lin.astype(dt))
+            lo, hi = _symlog(lo, lin), _symlog(hi, lin)
+        else:
+            t = x
+        span = (hi - lo).astype(dt)
+        const = ~(span > 0)  # also a span too small for float32
+        out = np.subtract(t, lo.astype(dt), dtype=dt)  # always a new array
+        out /= np.where(const, 1.0, span).astype(dt)
+        np.clip(out, 0.0, 1.0, out=out)
+    if const.any():
+        out[const[:, 0, 0]] = 0.0
+    if not _all_finite(x):
+        out[~np.isfinite(x)] = np.nan
     return out
 
 

@@ -1,10 +1,11 @@
 """Arrays to pictures: channel mosaics, PCA pictures, overlays and panels.
 
-Rendering composes one image with numpy (a colormap lookup table indexed by the scaled
-values, nearest-neighbour upsampling by an integer factor), so a 512-channel grid costs
-milliseconds rather than one matplotlib axes per channel. A pixel of a map is drawn as
-``lut[round(255 * scaled)]`` where ``scaled`` is the value mapped to [0, 1] as the legend
-says. No model code here.
+Rendering composes one image with numpy, so a 512-channel grid costs milliseconds rather
+than one matplotlib axes per channel. A value scaled to ``s`` in [0, 1] (as the legend
+says) is drawn as one of :data:`LEVELS` colour levels, ``round((LEVELS - 1) * s)``, whose
+colour is :func:`colormap_levels`; maps are upsampled by an integer factor, nearest
+neighbour. Channel grids are palette ("P") images: one byte per pixel, the colormap's
+levels plus the background, NaN and text colours as the palette. No model code here.
 """
 
 from __future__ import annotations
@@ -22,9 +23,26 @@ from PIL import Image, ImageDraw, ImageFont
 from .errors import FeatureMapsError, suggest
 from .reduce import ArrayLike, Norm, Scaling, apply_scaling, compute_scaling, select_channels
 
+LEVELS = 250
+"""Colour levels of every colormapped picture (grids, channel views, overlays).
+
+A palette image holds 256 colours: the levels, then the background, the NaN colour and
+four shades of the text (black on white, antialiased).
+"""
+
+LEVEL_LUT: np.ndarray = np.rint(np.linspace(0.0, 255.0, LEVELS)).astype(np.uint8)
+"""Index in :func:`colormap_lut` of each level's colour: ``round(255 * j / (LEVELS - 1))``."""
+LEVEL_LUT.setflags(write=False)
+
 NAN_RGB = (255, 0, 255)
 """Colour of NaN/Inf pixels (magenta, outside every default colormap)."""
-_BG = 255
+BACKGROUND_RGB = (255, 255, 255)
+"""Colour around and between the maps."""
+_TEXT_SHADES = 4  # antialiasing of black text on the background: coverage in quarters
+_BG = LEVELS  # palette indices after the levels
+_NAN = LEVELS + 1
+_TEXT = LEVELS + 2  # _TEXT + i: coverage (i + 1) / _TEXT_SHADES, black at the last
+assert _TEXT + _TEXT_SHADES == 256
 
 
 @lru_cache(maxsize=32)
@@ -45,14 +63,52 @@ def colormap_lut(name: str = "viridis") -> np.ndarray:
     return lut
 
 
+def colormap_levels(name: str = "viridis") -> np.ndarray:
+    """The ``(LEVELS, 3)`` uint8 colours of the levels: ``colormap_lut(name)[LEVEL_LUT]``."""
+    return _palette(name)[:LEVELS]
+
+
+@lru_cache(maxsize=32)
+def _palette(name: str) -> np.ndarray:
+    """The 256 colours of a grid picture: levels, background, NaN, text shades."""
+    shades = [(round(255 * (1 - (i + 1) / _TEXT_SHADES)),) * 3 for i in range(_TEXT_SHADES)]
+    extra = np.array([BACKGROUND_RGB, NAN_RGB, *shades], dtype=np.uint8)
+    pal = np.vstack([colormap_lut(name)[LEVEL_LUT], extra])
+    pal.setflags(write=False)
+    return pal
+
+
+def level_index(scaled: np.ndarray) -> np.ndarray:
+    """The level of each value in [0, 1]: ``round((LEVELS - 1) * s)`` as uint8.
+
+    NaN gives the palette index of the NaN colour (``LEVELS + 1``). Values must lie in
+    [0, 1] (see :func:`featuremaps.reduce.apply_scaling`); ties round up.
+    """
+    x = np.asarray(scaled)
+    return _levels(x if x.dtype.kind == "f" else x.astype(np.float64), inplace=False)
+
+
+def _levels(scaled: np.ndarray, inplace: bool) -> np.ndarray:
+    """:func:`level_index`; with ``inplace`` it may overwrite ``scaled`` (a float array)."""
+    t = np.multiply(scaled, LEVELS - 1, out=scaled if inplace else None, dtype=scaled.dtype)
+    t += 0.5
+    with np.errstate(invalid="ignore"):
+        idx = t.astype(np.uint8)  # floor of a non-negative value
+        nan = not np.isfinite(t.sum())
+    if nan:
+        idx[np.isnan(t)] = _NAN
+    return idx
+
+
 def colorize(scaled: np.ndarray, cmap: str = "viridis") -> np.ndarray:
-    """Map values in [0, 1] (NaN allowed) to RGB uint8 through a colormap."""
-    lut = colormap_lut(cmap)
-    finite = np.isfinite(scaled)
-    idx = np.rint(np.where(finite, scaled, 0.0) * 255.0).astype(np.intp)
-    rgb = lut[np.clip(idx, 0, 255)]
-    rgb[~finite] = NAN_RGB
-    return rgb
+    """Map values in [0, 1] (NaN allowed, others clipped) to RGB uint8 through a colormap.
+
+    Each value is drawn as its level (:func:`level_index`), NaN in :data:`NAN_RGB`; the
+    pixels are the very colours of a :func:`render_grid` picture of the same values.
+    """
+    x = np.asarray(scaled)
+    x = np.clip(x, 0.0, 1.0, dtype=np.result_type(x.dtype, np.float32))
+    return _palette(cmap)[_levels(x, inplace=True)]
 
 
 @lru_cache(maxsize=8)
@@ -65,7 +121,9 @@ class Grid:
     """A rendered channel mosaic.
 
     Attributes:
-        image: the picture.
+        image: the picture, a palette ("P") image: ``np.asarray(image)`` gives each
+            pixel's palette index (the level of a map's pixel, see :data:`LEVELS`);
+            ``image.convert("RGB")`` gives the colours.
         channels: the channel index shown in each cell, in reading order.
         boxes: ``(x0, y0, x1, y1)`` of each cell's map within ``image``.
         scaling: the bounds and norm used to map values to colours.
@@ -111,6 +169,14 @@ def render_grid(
 ) -> Grid:
     """Render the channels of one map as a mosaic.
 
+    Each value is scaled to ``s`` in [0, 1] by :func:`featuremaps.reduce.apply_scaling`
+    (``linear``: ``(x - vmin) / (vmax - vmin)``; ``log`` and ``symlog`` scale the
+    transformed values alike) and drawn as level ``round((LEVELS - 1) * s)`` of
+    :data:`LEVELS` = 250, in colour ``colormap_levels(cmap)[level]`` (the entry of the
+    256-colour table :func:`colormap_lut` nearest the level): a level is within half a
+    level, ``(vmax - vmin) / 498``, of the activation (in the norm's terms). NaN and
+    ±Inf are drawn in :data:`NAN_RGB`. The colour bar shows the same levels.
+
     Args:
         fmap: ``(C, H, W)`` or ``(1, C, H, W)``.
         max_maps: how many channels at most (``None``: all).
@@ -124,20 +190,33 @@ def render_grid(
         labels: write the channel index above each map.
         colorbar: add a colour bar with the value range at the bottom.
         pad: pixels between maps.
+
+    Returns:
+        The picture (a palette image, see :class:`Grid`) and where each channel is.
+
+    Example:
+        >>> grid = render_grid(torch.rand(16, 8, 8), cols=4, colorbar=True)
+        >>> grid.image.mode, grid.factor, grid.boxes[0]
+        ('P', 8, (2, 2, 66, 66))
     """
     if scale not in ("channel", "layer"):
         raise FeatureMapsError(f"scale {scale!r}: use channel or layer")
+    palette = _palette(cmap)  # an unknown colormap fails before any work
     arr = _chw_numpy(fmap)
-    channels = select_channels(arr, order, max_maps)
+    if isinstance(order, str) and order == "index":
+        channels = list(range(arr.shape[0]))[:max_maps]
+    else:
+        channels = select_channels(arr, order, max_maps)
     if not channels:
         raise FeatureMapsError("no channels to draw")
-    maps = arr[channels]
+    k = len(channels)
+    maps = arr[:k] if channels == list(range(k)) else arr[channels]  # a view when in order
     scaling = compute_scaling(maps, norm, per_channel=scale == "channel")
-    rgb = colorize(apply_scaling(maps, scaling), cmap)  # (K, H, W, 3)
-    k, h, w = maps.shape
+    idx = _levels(apply_scaling(maps, scaling), inplace=True)  # (K, H, W) uint8
+    _, h, w = maps.shape
     factor = max(1, round(map_size / max(h, w)))
     if factor > 1:
-        rgb = rgb.repeat(factor, axis=1).repeat(factor, axis=2)
+        idx = idx.repeat(factor, axis=1).repeat(factor, axis=2)
     ch, cw = h * factor, w * factor
     ncols = cols or max(1, math.ceil(math.sqrt(k)))
     nrows = math.ceil(k / ncols)
@@ -146,27 +225,28 @@ def render_grid(
     bar_h = 34 if colorbar else 0
     width = max(ncols * cell_w + pad, 160 if colorbar else 0)
     height = nrows * cell_h + pad + bar_h
-    canvas = np.full((height, width, 3), _BG, dtype=np.uint8)
+    canvas = np.full((height, width), _BG, dtype=np.uint8)
     boxes: list[tuple[int, int, int, int]] = []
     for i in range(k):
         r, c = divmod(i, ncols)
         y0 = pad + r * cell_h + label_h
         x0 = pad + c * cell_w
-        canvas[y0 : y0 + ch, x0 : x0 + cw] = rgb[i]
+        canvas[y0 : y0 + ch, x0 : x0 + cw] = idx[i]
         boxes.append((x0, y0, x0 + cw, y0 + ch))
-    image = Image.fromarray(canvas)
-    if labels or colorbar:
-        draw = ImageDraw.Draw(image)
-        if labels:
-            for ch_idx, (x0, y0, _, _) in zip(channels, boxes, strict=True):
-                draw.text((x0, y0 - label_h), str(ch_idx), fill=(0, 0, 0), font=_font(10))
-        if colorbar:
-            _draw_colorbar(image, draw, scaling, cmap, scale, height - bar_h + 4, pad)
+    if labels:
+        for r in range(nrows):
+            y = pad + r * cell_h
+            row = zip(channels[r * ncols : (r + 1) * ncols], boxes[r * ncols :], strict=False)
+            _draw_text(canvas, y, y + label_h, [(x0, y, str(c), 10) for c, (x0, *_) in row])
+    if colorbar:
+        _draw_colorbar(canvas, scaling, scale, height - bar_h + 4, pad)
+    image = Image.fromarray(canvas, "L")
+    image.putpalette(palette.tobytes())  # "L" -> "P"
     return Grid(image, channels, boxes, scaling, factor, cmap)
 
 
 def channel_grid(fmap: ArrayLike, **kwargs: Any) -> Image.Image:
-    """The picture of :func:`render_grid` (same arguments).
+    """The picture of :func:`render_grid` (same arguments), a palette ("P") image.
 
     Example:
         >>> img = channel_grid(torch.rand(16, 8, 8), cols=4)
@@ -180,24 +260,36 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
-def _draw_colorbar(
-    image: Image.Image,
-    draw: ImageDraw.ImageDraw,
-    s: Scaling,
-    cmap: str,
-    scale: str,
-    y: int,
-    pad: int,
+def _draw_text(
+    canvas: np.ndarray, y0: int, y1: int, items: Sequence[tuple[int, int, str, int]]
 ) -> None:
-    width = min(image.width - 2 * pad, 256)
-    bar = colorize(np.linspace(0.0, 1.0, width)[None, :].repeat(10, 0), cmap)
-    image.paste(Image.fromarray(bar), (pad, y))
+    """Write ``(x, y, text, size)`` items, black and antialiased, into rows ``y0:y1``.
+
+    The rows must be background: the text's coverage of each pixel is rounded to one of
+    the text shades of the palette (black over white).
+    """
+    band = canvas[y0:y1]
+    if band.size == 0:
+        return
+    mask = Image.new("L", (band.shape[1], band.shape[0]), 0)
+    draw = ImageDraw.Draw(mask)
+    for x, y, text, size in items:
+        draw.text((x, y - y0), text, fill=255, font=_font(size))
+    cover = np.asarray(mask, dtype=np.uint16)
+    shade = (cover * _TEXT_SHADES + 127) // 255  # 0 (none) .. _TEXT_SHADES (full)
+    hit = shade > 0
+    band[hit] = (_TEXT - 1 + shade[hit]).astype(np.uint8)
+
+
+def _draw_colorbar(canvas: np.ndarray, s: Scaling, scale: str, y: int, pad: int) -> None:
+    width = min(canvas.shape[1] - 2 * pad, 256)
+    canvas[y : y + 10, pad : pad + width] = level_index(np.linspace(0.0, 1.0, width))
     if scale == "layer":
         lo, hi = _fmt(float(s.vmin[0])), _fmt(float(s.vmax[0]))
         text = f"{lo}  ({s.norm})  {hi}"
     else:
         text = f"each map: its min -> max ({s.norm})"
-    draw.text((pad, y + 12), text, fill=(0, 0, 0), font=_font(11))
+    _draw_text(canvas, y + 10, canvas.shape[0], [(pad, y + 12, text, 11)])
 
 
 def upsample(arr: np.ndarray, factor: int) -> np.ndarray:
@@ -268,6 +360,8 @@ def titled_panel(
         x0 = pad + c * (tile + pad)
         y0 = pad + r * (tile + title_h + pad)
         img = items[name]
+        if img.mode not in ("RGB", "L"):
+            img = img.convert("RGB")  # a palette grid resizes by its colours, not indices
         scale = tile / max(img.size)
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
         resample = Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.BILINEAR
@@ -301,6 +395,8 @@ def show(image: Image.Image | np.ndarray, ax: Any = None, title: str | None = No
 
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 8))
+    if isinstance(image, Image.Image) and image.mode not in ("RGB", "RGBA", "L"):
+        image = image.convert("RGB")  # a palette grid: show its colours, not its indices
     ax.imshow(np.asarray(image), interpolation="nearest")
     ax.set_axis_off()
     if title:

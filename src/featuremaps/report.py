@@ -5,11 +5,13 @@ embedded, the page's script and style are inline, and a Content-Security-Policy 
 every request, so it opens from disk with no network.
 
 The channels are embedded as data, not as pictures: each shown channel is min-max
-scaled to 0..255 exactly as :func:`featuremaps.render.render_grid` does before its
-colormap lookup, and the quantized maps of a layer are tiled into one grayscale PNG (an
-"atlas"). The page colours them with the embedded colormap lookup tables, so the grid,
-the enlarged channel, its colorbar (which states the channel's actual min and max) and
-the overlay all come from the same numbers, and a colormap switch costs no file size.
+scaled and rounded to one of the :data:`~featuremaps.render.LEVELS` colour levels
+exactly as :func:`featuremaps.render.render_grid` does, each level is stored as the
+index of its colour in the 256-entry colormap lookup table, and the maps of a layer are
+tiled into one grayscale PNG (an "atlas"). The page colours them with the embedded
+lookup tables, so the grid, the enlarged channel, its colorbar (which states the
+channel's actual min and max) and the overlay all come from the same numbers, the
+colours are those of the grid pictures, and a colormap switch costs no file size.
 
 Example:
     >>> from featuremaps.images import sample_image
@@ -41,7 +43,7 @@ from .errors import FeatureMapsError, ReduceError
 from .models import LoadedModel, load_model
 from .pipeline import ImageResult, Progress, analyze, layer_record, predictions_note
 from .reduce import apply_scaling, compute_scaling, pca_rgb, select_channels
-from .render import colormap_lut, pca_picture
+from .render import LEVEL_LUT, LEVELS, colormap_lut, level_index, pca_picture
 
 REPORT_CMAPS = ("viridis", "magma", "inferno", "gray", "RdBu_r", "jet")
 """Colormaps the report can switch between (their lookup tables are embedded)."""
@@ -100,17 +102,21 @@ def _num(v: float) -> float:
 
 
 def quantize(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scale each ``(K, H, W)`` channel to its own min..max and round to 0..255.
+    """Scale each ``(K, H, W)`` channel to its own min..max and quantize it as the grid does.
 
-    This is the index :func:`featuremaps.render.colorize` uses for a linear, per-channel
-    grid, so colouring the result with a lookup table gives the grid's very pixels.
+    Each value gets the level :func:`featuremaps.render.render_grid` draws for a linear,
+    per-channel grid, stored as that level's index in the 256-entry colormap lookup
+    table (:data:`featuremaps.render.LEVEL_LUT`): colouring the result with
+    :func:`featuremaps.render.colormap_lut` gives the grid's very pixels. A stored ``q``
+    stands for ``vmin + q / 255 * (vmax - vmin)``, within half a level plus half a table
+    step of the activation. NaN is stored as 0.
 
     Returns:
         The ``uint8`` maps, and each channel's minimum and maximum.
     """
     scaling = compute_scaling(maps, "linear", per_channel=True)
     scaled = apply_scaling(maps, scaling)
-    q = np.rint(np.nan_to_num(scaled, nan=0.0) * 255.0).astype(np.uint8)
+    q = LEVEL_LUT[level_index(np.nan_to_num(scaled, nan=0.0))]
     return q, scaling.vmin, scaling.vmax
 
 
@@ -279,6 +285,7 @@ def build_report(
         "order": order,
         "cmap": cmap,
         "cmaps": list(REPORT_CMAPS),
+        "levels": LEVELS,
         "luts": {
             name: base64.b64encode(colormap_lut(name).tobytes()).decode("ascii")
             for name in REPORT_CMAPS

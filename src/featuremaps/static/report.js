@@ -1,9 +1,10 @@
 /* featuremaps report: draws the embedded channel data. No network, no libraries.
  *
  * Each layer of each image carries an "atlas": a grayscale PNG in which every shown
- * channel is min-max scaled to 0..255 (the index into a 256-colour lookup table, as the
- * Python renderer does). Colouring is a table lookup, so the grid, the enlarged view,
- * the colorbar and the overlay all come from the same numbers.
+ * channel is min-max scaled and rounded to one of DATA.levels colour levels, each stored
+ * as the index of its colour in a 256-colour lookup table, as the Python renderer draws
+ * it. Colouring is a table lookup, so the grid, the enlarged view, the colorbar and the
+ * overlay all come from the same numbers.
  */
 (function () {
   "use strict";
@@ -112,6 +113,12 @@
     return state.scale === "channel" ? [L.vmin[i], L.vmax[i]] : layerRange(L);
   }
 
+  /** Colour index (0..255) of the level nearest a fraction f of the colour range. */
+  function levelIndex(f) {
+    const n = DATA.levels;
+    return Math.round((255 * Math.round((n - 1) * Math.max(0, Math.min(1, f)))) / (n - 1));
+  }
+
   /** Quantized value (0..255 of the channel's own range) -> colour index. */
   function tableOf(L, i) {
     const t = new Uint8Array(256);
@@ -124,7 +131,7 @@
     const b = L.vmax[i];
     for (let q = 0; q < 256; q++) {
       const v = a + (q / 255) * (b - a);
-      t[q] = hi > lo ? Math.max(0, Math.min(255, Math.round((255 * (v - lo)) / (hi - lo)))) : 0;
+      t[q] = hi > lo ? levelIndex((v - lo) / (hi - lo)) : 0;
     }
     return t;
   }
@@ -401,8 +408,12 @@
 
     const bar = document.getElementById("dlg-colorbar");
     const ident = new Uint8Array(256);
-    for (let q = 0; q < 256; q++) ident[q] = q;
-    paint(bar, ident, 256, 1, ident);
+    const levels = new Uint8Array(256);
+    for (let q = 0; q < 256; q++) {
+      ident[q] = q;
+      levels[q] = levelIndex(q / 255);
+    }
+    paint(bar, ident, 256, 1, levels);
     document.getElementById("cb-min").textContent = fmt(lo);
     document.getElementById("cb-mid").textContent = fmt((lo + hi) / 2);
     document.getElementById("cb-max").textContent = fmt(hi);
