@@ -1,8 +1,9 @@
 """Benchmark of featuremaps' core against the usual recipe (a script, not a timed test).
 
 Run with ``make bench`` or ``.venv/bin/python benchmarks/bench_core.py [--quick]``; add
-``--profile`` to see where featuremaps spends its time. Results and the machine they were
-measured on are in ``benchmarks/README.md``.
+``--profile`` to see where featuremaps spends its time, ``--only grids`` or ``--only
+capture`` for one comparison alone. Results and the machine they were measured on are in
+``benchmarks/README.md``.
 
 One 224x224 picture (the bundled cat photo) goes through VGG-11 and ResNet-50 with random
 weights (nothing is downloaded). The activations of VGG-11 ``features.0,3,6,8,11,13,16,18``
@@ -16,7 +17,9 @@ and ResNet-50 ``conv1, layer1..layer4`` are captured once, then:
   checking that both find the same subspace;
 * capture: ``capture(..., full_forward=True)`` against a bare ``model(x)`` under
   ``torch.no_grad()``, and the early-stopping capture of VGG-11 ``features.3`` against a
-  full forward.
+  full forward. capture keeps the layout decisions it made for a model and reuses them
+  on same-shaped inputs; the first capture on a model makes them (a hook on every
+  module) and is timed too, with what was kept cleared before each run.
 
 Every timing is the median of several repeats after a warm-up; the sides of a comparison
 are interleaved (A, B, A, B, ...) so that drift of the machine hits them alike. Other
@@ -59,6 +62,7 @@ from scipy.linalg import subspace_angles
 from sklearn.decomposition import PCA
 
 from featuremaps import _files, render
+from featuremaps.capture import _MEMOS as CAPTURE_MEMOS  # what capture keeps per model
 from featuremaps.capture import capture
 from featuremaps.images import load_image, preprocess, sample_image
 from featuremaps.models import Preprocess
@@ -67,7 +71,6 @@ from featuremaps.reduce import (
     compute_scaling,
     pca_basis,
     pca_rgb,
-    select_channels,
 )
 
 VGG_LAYERS = [f"features.{i}" for i in (0, 3, 6, 8, 11, 13, 16, 18)]
@@ -179,7 +182,7 @@ def _sources() -> dict[str, str]:
 
     root = Path(featuremaps.__file__).parent
     out = {"package": str(root)}
-    for name in ("capture.py", "reduce.py", "render.py", "_files.py"):
+    for name in ("capture.py", "layout.py", "reduce.py", "render.py", "_files.py"):
         out[name] = hashlib.sha256((root / name).read_bytes()).hexdigest()[:12]
     return out
 
@@ -499,13 +502,18 @@ def bench_capture(
         def cap(model: torch.nn.Module = model, layers: list[str] = layers) -> None:
             capture(model, x, layers, full_forward=True)
 
-        fns: dict[str, Callable[[], Any]] = {"bare": bare, "capture": cap}
+        def first(model: torch.nn.Module = model, layers: list[str] = layers) -> None:
+            CAPTURE_MEMOS.pop(model, None)  # as if never captured before
+            capture(model, x, layers, full_forward=True)
+
+        fns: dict[str, Callable[[], Any]] = {"bare": bare, "capture": cap, "first": first}
         if mname == "vgg11":
             fns["early_stop"] = lambda model=model: capture(model, x, "features.3")
         t = interleaved(fns, repeats, warmup=2)
         res: dict[str, Any] = {k: med(v) for k, v in t.items()}
         res["overhead"] = res["capture"] / res["bare"] - 1.0
         res["overhead_min"] = min(t["capture"]) / min(t["bare"]) - 1.0
+        res["overhead_first"] = res["first"] / res["bare"] - 1.0
         res["spread"] = {k: [min(v), max(v)] for k, v in t.items()}
         if "early_stop" in res:
             res["early_stop_ratio"] = res["early_stop"] / res["bare"]
@@ -544,38 +552,6 @@ def stage_table(title: str, stages: dict[str, Callable[[], Any]], repeats: int =
     print_table(title, ["stage", "median"], [[k, fmt_s(med(v))] for k, v in t.items()])
 
 
-def palette_grid_sketch(fmap: torch.Tensor, path: Path | None, max_maps: int = 64) -> Image.Image:
-    """SKETCH of a faster render_grid (not featuremaps code): float32 and a palette PNG.
-
-    Per-channel linear scaling of finite maps straight to uint8 indices 0..253 (254
-    colormap levels), 254 = background, 255 = NaN; one byte per pixel instead of three.
-    """
-    arr = fmap.numpy()[:max_maps]
-    k, h, w = arr.shape
-    lo = arr.min(axis=(1, 2), keepdims=True)
-    hi = arr.max(axis=(1, 2), keepdims=True)
-    span = hi - lo
-    gain = np.where(span > 0, 253.0 / np.where(span > 0, span, 1), 0).astype(np.float32)
-    idx = ((arr - lo) * gain + 0.5).astype(np.uint8)
-    factor = max(1, round(64 / max(h, w)))
-    if factor > 1:
-        idx = idx.repeat(factor, axis=1).repeat(factor, axis=2)
-    ch, cw, pad = h * factor, w * factor, 2
-    ncols, nrows = grid_shape(k)
-    canvas = np.full((nrows * (ch + pad) + pad, ncols * (cw + pad) + pad), 254, np.uint8)
-    for i in range(k):
-        r, c = divmod(i, ncols)
-        y0, x0 = pad + r * (ch + pad), pad + c * (cw + pad)
-        canvas[y0 : y0 + ch, x0 : x0 + cw] = idx[i]
-    lut = matplotlib.colormaps["viridis"](np.linspace(0, 1, 254))[:, :3] * 255 + 0.5
-    palette = np.vstack([lut, [[255, 255, 255], [255, 0, 255]]]).astype(np.uint8)
-    img = Image.fromarray(canvas, "P")
-    img.putpalette(palette.tobytes())
-    if path is not None:
-        img.save(path, format="PNG", **PNG_KW)
-    return img
-
-
 def pca_rgb_sketch(
     fmap: torch.Tensor, k: int = 3, fit_every: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -612,42 +588,34 @@ def profile_render(maps: dict[Key, torch.Tensor], out: Path) -> None:
     arr = t.numpy()
     print(f"\n=== render_grid + save on {key[0]} {key[1]} {tuple(t.shape)} ===")
     print_profile("render_grid(max_maps=64) + save_image", lambda: fm_grid(t, out / "p.png", 64))
-    m = arr[select_channels(arr, "index", MAX_MAPS)]
+    m = arr[:MAX_MAPS]
     s = compute_scaling(m)
     scaled = apply_scaling(m, s)
     img = render.render_grid(t, max_maps=MAX_MAPS).image
-    sketch = palette_grid_sketch(t, None)
+    rgb = img.convert("RGB")
 
     def png(im: Image.Image, **kw: Any) -> Callable[[], None]:
         return lambda: im.save(io.BytesIO(), format="PNG", **kw)
 
     stage_table(
-        f"stages of render_grid + save ({img.width}x{img.height} picture)",
+        f"stages of render_grid + save ({img.width}x{img.height} {img.mode} picture)",
         {
-            "select_channels (copies the whole map)": lambda: select_channels(arr, "index", 64),
-            "compute_scaling (float64, nan-aware)": lambda: compute_scaling(m),
-            "apply_scaling (float64)": lambda: apply_scaling(m, s),
-            "colorize (rint, where, LUT gather)": lambda: render.colorize(scaled),
+            "compute_scaling (float32 min/max)": lambda: compute_scaling(m),
+            "apply_scaling (float32)": lambda: apply_scaling(m, s),
+            "level_index (to uint8 levels)": lambda: render.level_index(scaled),
             "render_grid total": lambda: render.render_grid(t, max_maps=MAX_MAPS),
-            "PNG RGB compress_level=3 (pipeline)": png(img, **PNG_KW),
-            "PNG RGB compress_level=1": png(img, optimize=False, compress_level=1),
-            "PNG RGB compress_level=0": png(img, optimize=False, compress_level=0),
-            "sketch: float32 scaling -> palette indices": lambda: palette_grid_sketch(t, None),
-            "sketch: palette PNG compress_level=3": png(sketch, **PNG_KW),
+            "render_grid, labels + colorbar": lambda: render.render_grid(
+                t, max_maps=MAX_MAPS, labels=True, colorbar=True
+            ),
+            "PNG palette compress_level=3 (pipeline)": png(img, **PNG_KW),
+            "PNG palette compress_level=1": png(img, optimize=False, compress_level=1),
+            "PNG RGB compress_level=3 (before: RGB grids)": png(rgb, **PNG_KW),
         },
     )
-    # the whole-set effect of the sketch, against the same matplotlib recipe
     fm = interleaved(
-        {
-            "featuremaps": lambda: [fm_grid(v, out / "a.png", 64) for v in maps.values()],
-            "sketch": lambda: [palette_grid_sketch(v, out / "b.png") for v in maps.values()],
-        },
-        3,
+        {"featuremaps": lambda: [fm_grid(v, out / "a.png", 64) for v in maps.values()]}, 3
     )
-    print(
-        f"  all 13 layers: featuremaps {fmt_s(med(fm['featuremaps']))}, "
-        f"palette sketch {fmt_s(med(fm['sketch']))}"
-    )
+    print(f"  all 13 layers: featuremaps {fmt_s(med(fm['featuremaps']))}")
 
 
 def profile_pca() -> None:
@@ -752,21 +720,8 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
-def report(res: dict[str, Any]) -> None:
-    print("\nMachine")
-    for k, v in res["machine"].items():
-        print(f"  {k}: {v}")
-    print(f"  clock: {res['clock']}")
-    print("  featuremaps: " + ", ".join(f"{k} {v}" for k, v in res["sources"].items()))
-    other = res.get("other_load_cores")
-    if other is not None:
-        print(f"  other processes kept {other:.2f} of {os.cpu_count()} cores busy during the run")
-        if other > 0.1 and res["clock"] == "wall":
-            print(
-                "  WARNING: the machine was not idle; these wall-clock timings are not "
-                "reliable (try --threads 1 --clock cpu, or --wait-idle SECONDS)"
-            )
-
+def report_grids(res: dict[str, Any]) -> float:
+    """Print the grid tables; the speed-up over matplotlib on all 13 layers."""
     g = res["grids"]
     rows = []
     for r in g["per_layer"]:
@@ -811,6 +766,77 @@ def report(res: dict[str, Any]) -> None:
         rows.append([f"{what}: matplotlib (1 run)", fmt_s(a["mpl_s"]), "1.0x"])
         rows.append([f"{what}: featuremaps", fmt_s(a["fm_s"]), f"{a['mpl_s'] / a['fm_s']:.1f}x"])
     print_table("Grids, all 13 layers rendered and saved", ["recipe", "total", "speed-up"], rows)
+    return float(base / g["fm_s"])
+
+
+def report_capture(c: dict[str, Any]) -> list[list[str]]:
+    """Print the capture table; return its rows of the targets table."""
+    rows = []
+    for name, r in c.items():
+        rows.append(
+            [
+                name,
+                fmt_s(r["bare"]),
+                fmt_s(r["capture"]),
+                f"{100 * r['overhead']:+.1f} %",
+                f"{100 * r['overhead_min']:+.1f} %",
+                f"{fmt_s(r['first'])} ({100 * r['overhead_first']:+.1f} %)",
+            ]
+        )
+    print_table(
+        "Capture (full_forward=True) vs bare forward, 1x3x224x224",
+        ["model", "bare forward", "capture", "overhead", "(of the minima)", "first capture"],
+        rows,
+    )
+    v = c["vgg11"]
+    print(
+        f"  VGG-11 features.3 with early stop: {fmt_s(v['early_stop'])} = "
+        f"{v['early_stop_ratio']:.2f} of a full forward (stopped early: "
+        f"{v['early_stop_stopped']})"
+    )
+    print(
+        "  first capture: the first on a model or input shape, which decides the layouts "
+        "with a hook on every module (later ones reuse the decisions)"
+    )
+    worst = max(r["overhead"] for r in c.values())
+    return [
+        [
+            "capture adds <= 5 % to a bare forward",
+            f"worst {100 * worst:+.1f} %",
+            verdict(worst <= TARGETS["capture_overhead"]),
+        ],
+        [
+            "VGG-11 features.3 well under 1/2 of a forward",
+            f"{v['early_stop_ratio']:.2f}",
+            verdict(v["early_stop_ratio"] < TARGETS["early_stop"]),
+        ],
+    ]
+
+
+def report(res: dict[str, Any]) -> None:
+    print("\nMachine")
+    for k, v in res["machine"].items():
+        print(f"  {k}: {v}")
+    print(f"  clock: {res['clock']}")
+    print("  featuremaps: " + ", ".join(f"{k} {v}" for k, v in res["sources"].items()))
+    other = res.get("other_load_cores")
+    if other is not None:
+        print(f"  other processes kept {other:.2f} of {os.cpu_count()} cores busy during the run")
+        if other > 0.1 and res["clock"] == "wall":
+            print(
+                "  WARNING: the machine was not idle; these wall-clock timings are not "
+                "reliable (try --threads 1 --clock cpu, or --wait-idle SECONDS)"
+            )
+
+    if "grids" not in res:  # --only capture
+        print_table("Targets", ["target", "measured", "verdict"], report_capture(res["capture"]))
+        return
+
+    grid_x = report_grids(res)
+    if "pca" not in res:  # --only grids
+        row = ["grids rendered + saved >= 20x faster", f"{grid_x:.1f}x", verdict(grid_x >= 20)]
+        print_table("Targets", ["target", "measured", "verdict"], [row])
+        return
 
     rows = []
     for name, p in res["pca"].items():
@@ -842,34 +868,10 @@ def report(res: dict[str, Any]) -> None:
     diff = s["check"]["max_rgb_diff"]
     print(f"  largest difference of the two RGB pictures (signs aligned): {diff:.1g}")
 
-    c = res["capture"]
-    rows = []
-    for name, r in c.items():
-        rows.append(
-            [
-                name,
-                fmt_s(r["bare"]),
-                fmt_s(r["capture"]),
-                f"{100 * r['overhead']:+.1f} %",
-                f"{100 * r['overhead_min']:+.1f} %",
-            ]
-        )
-    print_table(
-        "Capture (full_forward=True) vs bare forward, 1x3x224x224",
-        ["model", "bare forward", "capture", "overhead", "(of the minima)"],
-        rows,
-    )
-    v = c["vgg11"]
-    print(
-        f"  VGG-11 features.3 with early stop: {fmt_s(v['early_stop'])} = "
-        f"{v['early_stop_ratio']:.2f} of a full forward (stopped early: "
-        f"{v['early_stop_stopped']})"
-    )
+    capture_rows = report_capture(res["capture"])
 
-    grid_x = base / g["fm_s"]
     pca_x = s["sklearn_s"] / s["pca_rgb_s"]
     same = min(s["check"]["abs_cos"]) >= SAME_SUBSPACE_COS
-    worst = max(r["overhead"] for r in c.values())
     rows = [
         ["grids rendered + saved >= 20x faster", f"{grid_x:.1f}x", verdict(grid_x >= 20)],
         [
@@ -877,16 +879,7 @@ def report(res: dict[str, Any]) -> None:
             f"{pca_x:.2f}x, min |cos| {min(s['check']['abs_cos']):.6f}",
             verdict(pca_x >= TARGETS["pca"] and same),
         ],
-        [
-            "capture adds <= 5 % to a bare forward",
-            f"worst {100 * worst:+.1f} %",
-            verdict(worst <= TARGETS["capture_overhead"]),
-        ],
-        [
-            "VGG-11 features.3 well under 1/2 of a forward",
-            f"{v['early_stop_ratio']:.2f}",
-            verdict(v["early_stop_ratio"] < TARGETS["early_stop"]),
-        ],
+        *capture_rows,
     ]
     print_table("Targets", ["target", "measured", "verdict"], rows)
 
@@ -895,6 +888,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats (a rough check)")
     ap.add_argument("--profile", action="store_true", help="only profile featuremaps' parts")
+    ap.add_argument(
+        "--only",
+        choices=["grids", "capture"],
+        help="run this comparison alone (with --profile: profile it)",
+    )
     ap.add_argument("--json", type=Path, help="also write the results to this file")
     ap.add_argument("--keep", type=Path, help="keep the pictures in this folder")
     ap.add_argument(
@@ -934,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     models = build_models()
     x = input_batch()
-    maps = capture_all(models, x)
+    maps = capture_all(models, x) if args.only != "capture" else {}
     res: dict[str, Any] = {"machine": machine(), "quick": args.quick, "repeats": rep}
     res["clock"] = args.clock
     res["machine"]["native_threads"] = _blas_threads()
@@ -943,22 +941,28 @@ def main(argv: list[str] | None = None) -> int:
         out = args.keep or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         if args.profile:
-            profile_render(maps, out)
-            profile_pca()
-            profile_capture(models, x)
+            if args.only != "capture":
+                profile_render(maps, out)
+            if args.only is None:
+                profile_pca()
+            if args.only != "grids":
+                profile_capture(models, x)
             other = load.cores()
             if other is not None:
                 print(f"\n(other processes kept {other:.2f} cores busy during the profile)")
             return 0
         mode = "quick" if args.quick else "full"
         print(f"featuremaps core benchmark ({mode}, a few minutes) ...", file=sys.stderr)
-        print("  capture ...", file=sys.stderr)
-        res["capture"] = bench_capture(models, x, rep["capture"])
-        print("  PCA ...", file=sys.stderr)
-        res["pca"] = bench_pca(maps, rep["pca"])
-        print("  grids ...", file=sys.stderr)
-        res["grids"] = bench_grids(maps, out, rep["grid_mpl"], rep["grid_fm"])
-        if not args.skip_all_channels:
+        if args.only != "grids":
+            print("  capture ...", file=sys.stderr)
+            res["capture"] = bench_capture(models, x, rep["capture"])
+        if args.only is None:
+            print("  PCA ...", file=sys.stderr)
+            res["pca"] = bench_pca(maps, rep["pca"])
+        if args.only != "capture":
+            print("  grids ...", file=sys.stderr)
+            res["grids"] = bench_grids(maps, out, rep["grid_mpl"], rep["grid_fm"])
+        if args.only != "capture" and not args.skip_all_channels:
             print("  grids, all channels ...", file=sys.stderr)
             res["all_channels"] = bench_all_channels(maps, out, rep["grid_fm"])
     res["wall_s"] = time.perf_counter() - t_start

@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 from conftest import FailingNet, hooks_left
-from featuremaps.capture import PRESETS, LayoutContext, capture, list_layers
+from featuremaps.capture import PRESETS, Capture, LayoutContext, capture, list_layers
 from featuremaps.errors import LayerError, ModelError, WeightsUnavailableError
 from featuremaps.layout import model_tokens
 
@@ -317,6 +317,84 @@ def test_hooks_are_removed_after_failures_too(x_small: torch.Tensor) -> None:
     vit = ToyViT().eval()
     capture(vit, torch.randn(1, 3, 16, 16), "blocks")  # the preset: every block
     assert hooks_left(vit) == 0
+
+
+def test_channels_last_decisions_are_the_same_when_kept() -> None:
+    """The second capture takes the first one's decisions (Linear, LayerNorm, Permute)."""
+    torch.manual_seed(0)
+    net = CubeNet().eval()
+    x = torch.randn(1, 3, 28, 28)
+    names = ["perm", "stage.0", "stage.0.norm", "stage.0.fc", "back.fc", "back", "act"]
+    first = capture(net, x, names)
+    with Capture(net, names, example_input=x) as cap:
+        assert hooks_left(net) == 1 + len(names)  # no tracker: its decisions were kept
+        net(x)
+    assert cap.maps.info == first.info
+    for n in names:
+        torch.testing.assert_close(cap.maps[n], first[n], rtol=0, atol=0)
+    assert [n for n in names if first.info[n].layout == "NHWC->NCHW"] == names[:5]
+
+
+class MaybePermuted(nn.Module):
+    """A 7x7x7 map, channels-last only while ``perm`` is set: a cube shape cannot tell."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 7, 3, stride=4, padding=1)
+        self.perm: nn.Module | None = None
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.perm is not None:
+            x = self.perm(x)
+        return self.act(x)
+
+
+def test_kept_layouts_are_dropped_when_a_module_is_added_replaced_or_removed() -> None:
+    torch.manual_seed(0)
+    net = MaybePermuted().eval()
+    x = torch.randn(1, 3, 28, 28)
+
+    def check(nhwc: bool) -> None:
+        for _ in range(2):  # the second capture may use what the first one kept
+            fm = capture(net, x, "act")
+            raw = _raw_output(net, "act", x)
+            assert raw.shape == (1, 7, 7, 7)
+            expected = raw.permute(0, 3, 1, 2) if nhwc else raw
+            torch.testing.assert_close(fm["act"], expected, rtol=0, atol=0)
+            assert fm.info["act"].layout == ("NHWC->NCHW" if nhwc else "NCHW")
+
+    check(nhwc=False)
+    net.perm = Permute([0, 2, 3, 1])  # added
+    check(nhwc=True)
+    net.perm = Permute([0, 1, 2, 3])  # replaced, same name
+    check(nhwc=False)
+    net.perm = Permute([0, 2, 3, 1])
+    check(nhwc=True)
+    net.perm = None  # removed
+    check(nhwc=False)
+
+
+def test_kept_layouts_only_serve_the_input_and_layers_they_were_made_for() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 7, 3, stride=4, padding=1), Permute([0, 2, 3, 1]), nn.GELU())
+    net.eval()
+    x28, x32 = torch.randn(1, 3, 28, 28), torch.randn(1, 3, 32, 32)
+    # an early stop after "0" kept the decisions of "0" only; "2" is tracked again
+    assert capture(net, x28, "0").stopped_early
+    fm = capture(net, x28, "2")  # a cube map: only the tracker can tell it is NHWC
+    assert fm.info["2"].layout == "NHWC->NCHW"
+    # kept for 28x28, but the forward runs on 32x32: the tracker follows it after all,
+    # deciding each layout before the stop
+    with Capture(net, "2", example_input=x28, early_stop=True) as cap:
+        net(x32)
+    assert hooks_left(net) == 0
+    raw = _raw_output(net, "2", x32)
+    assert raw.shape == (1, 8, 8, 7)  # read as NCHW, 8 x 7 would fit a 32x32 input too
+    torch.testing.assert_close(cap.maps["2"], raw.permute(0, 3, 1, 2), rtol=0, atol=0)
+    assert cap.maps.info["2"].layout == "NHWC->NCHW"
+    assert capture(net, x32, "2").info["2"] == cap.maps.info["2"]  # kept from that forward
 
 
 # -- multi-output modules ------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -210,3 +212,45 @@ def test_torchscript_layers_listing_is_a_clear_error(toy: ToyNet, x_small: torch
     scripted = torch.jit.script(toy)
     with pytest.raises(LayerError, match="TorchScript"):
         list_layers(scripted, x_small)
+
+
+def test_repeated_captures_hook_only_the_requested_layers(x_small: torch.Tensor) -> None:
+    """The layout decisions of the first forward are kept; later ones skip the tracker."""
+    torch.manual_seed(0)
+    net = ToyNet().eval()
+    names = ["features.0", "features.3"]
+    counts = []
+    for _ in range(2):
+        with Capture(net, names, example_input=x_small) as cap:
+            counts.append(hooks_left(net))
+            net(x_small)
+        assert hooks_left(net) == 0
+        assert torch.equal(cap.maps["features.0"], net.features[0](x_small))
+    assert counts[0] > 20  # the layout tracker on every module
+    assert counts[1] == 1 + len(names)  # the model's pre-hook and the two layers
+    first = capture(net, x_small, names, full_forward=True)
+    with Capture(net, names, example_input=torch.randn(1, 3, 32, 32)) as cap:
+        assert hooks_left(net) > 20  # another batch size: nothing kept for it yet
+        net(x_small)
+    assert cap.maps.info == first.info
+
+
+def test_kept_layouts_do_not_keep_the_model_alive(x_small: torch.Tensor) -> None:
+    net = ToyNet().eval()
+    capture(net, x_small, "features.3")
+    list_layers(net, x_small)
+    ref = weakref.ref(net)
+    del net
+    gc.collect()
+    assert ref() is None
+
+
+def test_modes_restored_when_the_forward_runs_in_train_mode(x_small: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    capture(net, x_small, "1")
+    net[1].train()
+    with Capture(net, "1", example_input=x_small, eval_mode=False) as cap:
+        net(x_small)
+    assert net[1].training and not net[0].training and not net.training
+    assert torch.equal(cap.maps["1"], net(x_small))  # batch statistics: train mode ran

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from .errors import LayerError, suggest
 from .layout import (
     LayerInfo,
     LayoutContext,
+    _LayoutRecord,
     _LayoutTracker,
     check_input_size,
     normalize_output,
@@ -305,6 +306,86 @@ class _StopForward(Exception):
     """Raised from a hook once every requested layer has run."""
 
 
+@dataclass
+class _ModelMemo:
+    """What earlier captures learned about one model, kept while its modules stay the same.
+
+    ``probes`` holds :func:`list_layers` results, ``layouts`` the layout tracker's
+    decisions; both are keyed by the input (see :func:`_signature`).
+    """
+
+    modules: list[tuple[str, weakref.ref[nn.Module]]]
+    probes: dict[Any, list[LayerInfo]] = field(default_factory=dict)
+    layouts: dict[Any, _LayoutRecord] = field(default_factory=dict)
+
+    def matches(self, named: list[tuple[str, nn.Module]]) -> bool:
+        return len(named) == len(self.modules) and all(
+            name == known and ref() is module
+            for (name, module), (known, ref) in zip(named, self.modules, strict=True)
+        )
+
+    def record(self, sig: Any) -> _LayoutRecord:
+        """The layout record for inputs with this signature (the oldest goes beyond 16)."""
+        found = self.layouts.get(sig)
+        if found is None:
+            if len(self.layouts) >= _MEMO_SIZE:
+                del self.layouts[next(iter(self.layouts))]
+            found = self.layouts[sig] = _LayoutRecord()
+        return found
+
+    def keep_probe(self, key: Any, order: list[LayerInfo]) -> None:
+        if len(self.probes) >= _MEMO_SIZE:
+            del self.probes[next(iter(self.probes))]
+        self.probes[key] = order
+
+
+_MEMO_SIZE = 16
+"""Input signatures remembered per model (a server sees pictures of many sizes)."""
+
+
+_MEMOS: weakref.WeakKeyDictionary[nn.Module, _ModelMemo] = weakref.WeakKeyDictionary()
+
+
+def _memo_for(model: nn.Module, named: list[tuple[str, nn.Module]]) -> _ModelMemo:
+    """The model's memo, started afresh when a module was added, removed or replaced.
+
+    Args:
+        model: the model.
+        named: ``list(model.named_modules())``, walked just now.
+    """
+    memo = _MEMOS.get(model)
+    if memo is None or not memo.matches(named):
+        memo = _ModelMemo([(name, weakref.ref(module)) for name, module in named])
+        _MEMOS[model] = memo
+    return memo
+
+
+def _signature(x: torch.Tensor, training: bool) -> tuple[Any, ...]:
+    """What a forward's path may depend on, besides the modules and the data.
+
+    Args:
+        x: the model's input.
+        training: the model's mode during the forward.
+    """
+    return (tuple(x.shape), x.dtype, x.device, training)
+
+
+def _enter_eval(
+    model: nn.Module, named: list[tuple[str, nn.Module]], eval_mode: bool
+) -> list[tuple[nn.Module, bool]]:
+    """Put ``model`` in eval mode (when asked and not there yet); return every module's mode."""
+    modes = [(module, module.training) for _, module in named]
+    if eval_mode and any(mode for _, mode in modes):
+        model.eval()
+    return modes
+
+
+def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    for module, mode in modes:
+        if module.training != mode:
+            module.training = mode
+
+
 def _copy_output(output: Any) -> Any:
     """Detach and copy every tensor of an output to the CPU, keeping its structure."""
     if isinstance(output, torch.Tensor):
@@ -331,6 +412,12 @@ class Capture:
 
     Presets (``stages``) need ``example_input`` to resolve. Hooks are removed and every
     module's train/eval mode is restored on exit, also when the forward raises.
+
+    Deciding which outputs are channels-last takes a hook on every module for one
+    forward. The decisions are kept per model and input (shape, dtype, device, mode)
+    while the model's modules stay the same; with ``example_input`` given and decisions
+    kept for it, only the requested layers are hooked. Should the forward then run on
+    another kind of input, every module is hooked from its start after all.
     """
 
     def __init__(
@@ -353,15 +440,28 @@ class Capture:
         self.early_stop = early_stop
         self.eval_mode = eval_mode
         self.layout = layout
+        self._expected = (
+            _signature(example_input, model.training and not eval_mode)
+            if isinstance(example_input, torch.Tensor)
+            else None
+        )
+        self._bases = list(dict.fromkeys(_base(n) for n in self.names))
         self._raw: dict[str, Any] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._modes: dict[nn.Module, bool] = {}
+        self._modes: list[tuple[nn.Module, bool]] = []
         self._maps: FeatureMaps | None = None
+        self._modules: dict[str, nn.Module] = {}
+        self._named: list[tuple[str, nn.Module]] = []
+        self._memo: _ModelMemo | None = None
+        self._record: _LayoutRecord | None = None
+        self._tracker: _LayoutTracker | None = None
+        self._root_calls = 0
+        self._signature: tuple[Any, ...] | None = None
         self._input_hw: tuple[int, int] | None = None
-        self._tracker = _LayoutTracker()
+        self._batch: int | None = None
 
     def _hook_for(self, name: str) -> Callable[..., None]:
-        targets = {_base(n) for n in self.names}
+        targets = set(self._bases)
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if name in self._raw:
@@ -373,23 +473,44 @@ class Capture:
         return hook
 
     def _pre_hook(self, module: nn.Module, args: Any) -> None:
+        """The model's own forward starts: note the input, check the kept layouts fit it."""
+        self._root_calls += 1
+        if self._root_calls > 1:
+            return  # the maps are those of the first forward: keep its input size
         for a in args if isinstance(args, tuple) else (args,):
             if isinstance(a, torch.Tensor) and a.ndim == 4:
                 self._input_hw = (int(a.shape[-2]), int(a.shape[-1]))
-                return
+                self._batch = int(a.shape[0])
+                self._signature = _signature(a, module.training)
+                break
+        if self._record is not None and self._signature != self._expected:
+            self._record = None  # kept for another input: follow this forward instead
+            self._attach_tracker(late=True).start(module, args)
+
+    def _attach_tracker(self, *, late: bool = False) -> _LayoutTracker:
+        """Hook every module; ``late``: from the model's pre-hook, ahead of our hooks."""
+        self._tracker = _LayoutTracker()
+        self._tracker.attach(self.model, self._named, prepend=late)
+        return self._tracker
 
     def __enter__(self) -> Capture:
         _refuse_torchscript(self.model)
-        modules = _named_modules(self.model)
-        self._modes = {m: m.training for m in self.model.modules()}
+        self._named = list(self.model.named_modules())
+        self._modules = {name: module for name, module in self._named if name}
+        self._memo = _memo_for(self.model, self._named)
+        self._modes = []
+        self._record = self._tracker = None
+        self._root_calls = 0
         try:
-            if self.eval_mode:
-                self.model.eval()
+            self._modes = _enter_eval(self.model, self._named, self.eval_mode)
             self._handles.append(self.model.register_forward_pre_hook(self._pre_hook))
-            self._tracker = _LayoutTracker()
-            self._tracker.attach(self.model)  # before the hooks that may stop the forward
-            for base in dict.fromkeys(_base(n) for n in self.names):
-                handle = modules[base].register_forward_hook(self._hook_for(base))
+            record = self._memo.layouts.get(self._expected)
+            if record is not None and record.covers(self._bases):
+                self._record = record
+            else:
+                self._attach_tracker()  # before the hooks that may stop the forward
+            for base in self._bases:
+                handle = self._modules[base].register_forward_hook(self._hook_for(base))
                 self._handles.append(handle)
         except BaseException:
             self._release()
@@ -400,13 +521,22 @@ class Capture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._tracker.detach()
-        for module, mode in self._modes.items():
-            module.training = mode
+        if self._tracker is not None:
+            self._tracker.detach()
+        _restore_modes(self._modes)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         self._release()
+        if exc_type is None or exc_type is _StopForward:
+            self._keep_layouts()
         return exc_type is _StopForward
+
+    def _keep_layouts(self) -> None:
+        """Keep the tracker's decisions for later captures on the same kind of input."""
+        tracker, memo, sig = self._tracker, self._memo, self._signature
+        if tracker is None or memo is None or sig is None or self._root_calls != 1:
+            return
+        memo.record(sig).add(tracker)
 
     @property
     def maps(self) -> FeatureMaps:
@@ -415,8 +545,22 @@ class Capture:
             self._maps = self._collect()
         return self._maps
 
+    def _layouts(self) -> dict[str, tuple[str, str]]:
+        """The layout decisions for the captured outputs: tracked now, or kept from before."""
+        if self._tracker is not None:
+            return self._tracker.layouts
+        if self._record is None:
+            return {}
+        outputs = {b: self._raw[b] for b in self._bases if b in self._raw}
+        found = self._record.layouts_for(outputs)
+        if found is None:  # this forward went another way: track the next one again
+            if self._memo is not None and self._expected is not None:
+                self._memo.layouts.pop(self._expected, None)
+            return {}
+        return found
+
     def _collect(self) -> FeatureMaps:
-        modules = _named_modules(self.model)
+        modules = self._modules or _named_modules(self.model)
         hw = self._input_hw or (0, 0)
         ctx = self.layout or LayoutContext(input_hw=hw, model=self.model)
         if self.layout is not None and self._input_hw is not None:
@@ -424,12 +568,12 @@ class Capture:
         ctx = replace(
             ctx,
             model=ctx.model if ctx.model is not None else self.model,
-            batch=self._tracker.batch if ctx.batch is None else ctx.batch,
-            layouts=self._tracker.layouts,
+            batch=self._batch if ctx.batch is None else ctx.batch,
+            layouts=self._layouts(),
         )
         maps: dict[str, torch.Tensor] = {}
         info: dict[str, LayerInfo] = {}
-        bases = list(dict.fromkeys(_base(n) for n in self.names))
+        bases = self._bases
         missing = [b for b in bases if b not in self._raw]
         if missing:
             raise LayerError(
@@ -522,26 +666,24 @@ def capture(
     return result
 
 
-_PROBES: weakref.WeakKeyDictionary[nn.Module, dict[Any, list[LayerInfo]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 def list_layers(
     model: nn.Module, x: torch.Tensor, *, layout: LayoutContext | None = None
 ) -> list[LayerInfo]:
     """Every module's output, in the order modules returned (one forward, no copies).
 
     Modules that did not run are appended at the end with ``raw_shape=None``. The result
-    is cached per model and input shape.
+    is cached per model and input shape, until a module of the model is added, removed
+    or replaced.
     """
     _refuse_torchscript(model)
     check_input_size(model, x)
-    key = (tuple(x.shape), x.dtype, str(x.device), layout is not None and repr(layout))
-    cached = _PROBES.get(model, {}).get(key)
+    named = list(model.named_modules())
+    memo = _memo_for(model, named)
+    key = (_signature(x, False), layout is not None and repr(layout))
+    cached = memo.probes.get(key)
     if cached is not None:
         return cached
-    modules = _named_modules(model)
+    modules = {name: module for name, module in named if name}
     tracker = _LayoutTracker((int(x.shape[-2]), int(x.shape[-1])))
     ctx = layout or LayoutContext(input_hw=(int(x.shape[-2]), int(x.shape[-1])), model=model)
     ctx = replace(
@@ -554,7 +696,7 @@ def list_layers(
     order: list[LayerInfo] = []
     seen: set[str] = set()
     handles = []
-    modes = {m: m.training for m in model.modules()}
+    modes: list[tuple[nn.Module, bool]] = []
 
     def make(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -567,8 +709,8 @@ def list_layers(
         return hook
 
     try:
-        model.eval()
-        tracker.attach(model)  # first, so each layout is decided before `make` reads it
+        modes = _enter_eval(model, named, True)
+        tracker.attach(model, named)  # first, so each layout is decided before `make` reads it
         for name, module in modules.items():
             handles.append(module.register_forward_hook(make(name)))
         with torch.no_grad():
@@ -577,10 +719,10 @@ def list_layers(
         tracker.detach()
         for h in handles:
             h.remove()
-        for module, mode in modes.items():
-            module.training = mode
+        _restore_modes(modes)
+    memo.record(_signature(x, False)).add(tracker)
     for name, module in modules.items():
         if name not in seen:
             order.append(LayerInfo(name, type(module).__name__, None, note="did not run"))
-    _PROBES.setdefault(model, {})[key] = order
+    memo.keep_probe(key, order)
     return order

@@ -10,7 +10,7 @@ what they did in :attr:`LayerInfo.layout`.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +148,11 @@ def _fmt_name(value: Any) -> str | None:
     return text if text in (NCHW, NHWC) else None
 
 
+_LAST_DIM_NORMS: tuple[type[nn.Module], ...] = tuple(
+    getattr(nn, n) for n in ("LayerNorm", "RMSNorm") if hasattr(nn, n)
+)
+
+
 def _declared_layout(module: nn.Module, shape: tuple[int, ...]) -> tuple[str, str] | None:
     """The layout a module's own type says its 4-D output has, with the reason."""
     tname = type(module).__name__
@@ -162,10 +167,7 @@ def _declared_layout(module: nn.Module, shape: tuple[int, ...]) -> tuple[str, st
         return fmt, f"timm {tname}.output_fmt is {fmt}"
     if isinstance(module, nn.Linear):
         return NHWC, "a Linear output (it acts on the last dim, the channels)"
-    norms: tuple[type[nn.Module], ...] = (nn.LayerNorm,)
-    if hasattr(nn, "RMSNorm"):
-        norms = (nn.LayerNorm, nn.RMSNorm)
-    if isinstance(module, norms) and "2d" not in tname.lower():
+    if isinstance(module, _LAST_DIM_NORMS) and "2d" not in tname.lower():
         normalized = tuple(getattr(module, "normalized_shape", ()) or ())
         if len(normalized) == 1 and normalized[0] == shape[-1]:
             return NHWC, f"{tname} over the last dim (the channels)"
@@ -207,12 +209,15 @@ class _Frame:
 class _LayoutTracker:
     """Follows one forward pass and decides the layout of every 4-D module output.
 
-    Its hooks must be registered before any hook that may stop the forward, so that a
-    module's layout is decided before the stop.
+    Its hooks must run before any hook that may stop the forward, so that a module's
+    layout is decided before the stop: attach it first, or attach it late (from the
+    model's own forward pre-hook, see :meth:`start`) with ``prepend=True``.
     """
 
     def __init__(self, input_hw: tuple[int, int] = (0, 0)) -> None:
         self.layouts: dict[str, tuple[str, str]] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.ran: set[str] = set()
         self.batch: int | None = None
         self.input_hw = input_hw
         self._stack: list[_Frame] = []
@@ -221,16 +226,37 @@ class _LayoutTracker:
         self._step = 0
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def attach(self, model: nn.Module) -> None:
-        """Hook every module of ``model`` (TorchScript modules are skipped)."""
+    def attach(
+        self,
+        model: nn.Module,
+        named: Sequence[tuple[str, nn.Module]] | None = None,
+        *,
+        prepend: bool = False,
+    ) -> None:
+        """Hook every module of ``model`` (TorchScript modules are skipped).
+
+        Args:
+            model: the model.
+            named: ``model.named_modules()``, when the caller has walked it already.
+            prepend: run these hooks before the hooks already on each module.
+        """
         if isinstance(model, torch.jit.ScriptModule):
             return
-        self._handles.append(model.register_forward_pre_hook(self._root_pre))
-        for name, module in model.named_modules():
+        self._handles.append(model.register_forward_pre_hook(self._root_pre, prepend=prepend))
+        for name, module in model.named_modules() if named is None else named:
             if isinstance(module, torch.jit.ScriptModule):
                 continue
-            self._handles.append(module.register_forward_pre_hook(self._pre))
-            self._handles.append(module.register_forward_hook(self._post_for(name)))
+            self._handles.append(module.register_forward_pre_hook(self._pre, prepend=prepend))
+            post = self._post_for(name)
+            self._handles.append(module.register_forward_hook(post, prepend=prepend))
+
+    def start(self, model: nn.Module, args: Any) -> None:
+        """What the model's pre-hooks do, for a tracker attached inside them.
+
+        A pre-hook added while the model's own pre-hooks run does not run for that call.
+        """
+        self._root_pre(model, args)
+        self._pre(model, args)
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -293,11 +319,14 @@ class _LayoutTracker:
     def _post_for(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             frame = self._pop(module)
+            self.ran.add(name)
             for key, t in _tensors_of(output):
                 if t.ndim != 4:
                     continue
                 decided = self._decide(module, t, frame)
-                self.layouts.setdefault(name + key, decided)
+                if name + key not in self.layouts:
+                    self.layouts[name + key] = decided
+                    self.shapes[name + key] = tuple(t.shape)
                 self._remember(t, decided[0])
                 if self._stack:
                     self._stack[-1].last = (tuple(t.shape), decided[0])
@@ -324,6 +353,54 @@ class _LayoutTracker:
         if recent is not None:
             return recent, f"same shape as the latest {recent} tensor of the forward"
         return _shape_guess(shape, self.input_hw) or (NCHW, "")
+
+
+@dataclass
+class _LayoutRecord:
+    """A tracker's decisions, kept to be reused by later forwards of the same model.
+
+    Valid while the model has the same modules and the input the same shape, dtype and
+    device: the forward then takes the same path and a tracker would decide the same way,
+    so a capture can take these decisions instead of hooking every module. Each decision
+    keeps the shape it was made for, and :meth:`layouts_for` refuses outputs of another
+    shape (a forward whose path depends on the data).
+    """
+
+    layouts: dict[str, tuple[str, str]] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    ran: set[str] = field(default_factory=set)
+    """Modules whose output the trackers saw (a forward that stopped early saw fewer)."""
+
+    def add(self, tracker: _LayoutTracker) -> None:
+        for name, decided in tracker.layouts.items():
+            if name not in self.layouts:
+                self.layouts[name] = decided
+                self.shapes[name] = tracker.shapes[name]
+        self.ran |= tracker.ran
+
+    def covers(self, modules: Iterable[str]) -> bool:
+        """Whether every one of these modules ran in a recorded forward."""
+        return self.ran.issuperset(modules)
+
+    def layouts_for(self, outputs: Mapping[str, Any]) -> dict[str, tuple[str, str]] | None:
+        """The kept decisions for the 4-D tensors of these outputs.
+
+        Args:
+            outputs: module name -> what the module returned.
+
+        Returns:
+            Output name -> ``(layout, reason)``, or ``None`` when a 4-D tensor was not
+            recorded with its shape (the forward went another way).
+        """
+        found: dict[str, tuple[str, str]] = {}
+        for name, output in outputs.items():
+            for key, t in _tensors_of(output):
+                if t.ndim != 4:
+                    continue
+                if self.shapes.get(name + key) != tuple(t.shape):
+                    return None
+                found[name + key] = self.layouts[name + key]
+        return found
 
 
 # -- tokens ------------------------------------------------------------------------------------
