@@ -262,7 +262,20 @@ def _raise_not_finite(x: np.ndarray) -> None:
 def _project(x: np.ndarray, comps: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """``(K, N)`` projections of the ``(C, N)`` pixels ``x`` onto a basis, in float32."""
     w = comps.astype(np.float32)
-    return w @ x - (w.astype(np.float64) @ mean).astype(np.float32)[:, None]
+    # x.T is Fortran-ordered, so SciPy's BLAS reads x in place: (x.T @ w.T).T = w @ x.
+    y = scipy.linalg.blas.sgemm(1.0, x.T, w.T).T
+    return y - (comps @ mean).astype(np.float32)[:, None]
+
+
+def _scatter(x: np.ndarray) -> np.ndarray:
+    """``x @ x.T`` of ``(C, N)`` float32 pixels as a float64 ``(C, C)`` matrix.
+
+    One BLAS ``ssyrk`` on the pixels where they lie (``x.T`` is Fortran-ordered). All the
+    BLAS work of the PCA goes through SciPy's library: alternating with NumPy's, a second
+    OpenBLAS with its own spinning threads, makes both several times slower on few cores.
+    """
+    upper = scipy.linalg.blas.ssyrk(1.0, x.T, trans=1).astype(np.float64)
+    return np.triu(upper) + np.triu(upper, 1).T
 
 
 def _scaled(y: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -311,7 +324,7 @@ def _fit_pixels(x: np.ndarray, n_components: int) -> tuple[PCABasis, list[np.nda
     scatter = np.zeros((c, c))
     with np.errstate(over="ignore"):  # an overflow is reported below, by name
         for img in x:
-            scatter += img @ img.T  # float32 syrk
+            scatter += _scatter(img)
     if not np.isfinite(scatter).all():
         _raise_not_finite(x)
     cov = (scatter - total * np.outer(mean, mean)) / max(total - 1, 1)
@@ -321,8 +334,7 @@ def _fit_pixels(x: np.ndarray, n_components: int) -> tuple[PCABasis, list[np.nda
         m32 = mean.astype(np.float32)[:, None]
         scatter = np.zeros((c, c))
         for img in x:
-            d = img - m32
-            scatter += d @ d.T
+            scatter += _scatter(img - m32)
         cov = scatter / max(total - 1, 1)
     comps, vals = _fit(cov, n_components)
     ys = [_project(img, comps, mean) for img in x]
