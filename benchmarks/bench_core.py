@@ -639,7 +639,7 @@ def profile_pca() -> None:
         rgb, comps = subsampled_rgb(fmap, step)
         chk = subspace_check(comps_sk, comps)
         print(
-            f"  fit on every {step}th row/column: |cos| "
+            f"  fit on 1 in {step} rows and columns: |cos| "
             f"{' '.join(f'{v:.6f}' for v in chk['abs_cos'])}, max angle "
             f"{chk['max_angle_deg']:.2g}°, picture differs from sklearn's by at most "
             f"{rgb_difference(rgb_sk, comps_sk, rgb, comps):.2g}"
