@@ -670,3 +670,22 @@ def test_cli_run_vit_b_16_block(tmp_path: Path, photo: Path) -> None:
     saved = load_file(str(out / "activations.safetensors"))[f"photo/{layer}"]
     assert saved.shape == (1, 768, 14, 14)
     assert pca_rgb(saved[0]).shape == (14, 14, 3)
+
+
+def test_token_root_follows_an_edited_model() -> None:
+    """The token root found for a model is looked for again once the model changes."""
+    from featuremaps.layout import _token_root
+
+    class PatchModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.patch_embed = nn.Conv2d(3, 4, 2, 2)
+
+    model = nn.Sequential(nn.Identity(), PatchModel())
+    assert _token_root(model) is model[1]
+    model[1] = nn.Identity()
+    assert _token_root(model) is None
+    model.add_module("2", PatchModel())
+    assert _token_root(model) is model[2]
+    del model[2]
+    assert _token_root(model) is None

@@ -405,24 +405,36 @@ class _LayoutRecord:
 
 # -- tokens ------------------------------------------------------------------------------------
 
-_TOKEN_ROOTS: weakref.WeakKeyDictionary[nn.Module, str | None] = weakref.WeakKeyDictionary()
+_TOKEN_ROOTS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def _is_token_root(m: nn.Module) -> bool:
+    if hasattr(m, "num_prefix_tokens") or isinstance(getattr(m, "patch_embed", None), nn.Module):
+        return True
+    return isinstance(getattr(m, "conv_proj", None), nn.Module) and hasattr(m, "patch_size")
 
 
 def _token_root(model: nn.Module) -> nn.Module | None:
-    """The (sub)module that turns patches into tokens: a timm or torchvision ViT."""
-    if model not in _TOKEN_ROOTS:
-        found: str | None = None
-        for name, m in model.named_modules():
-            pe = getattr(m, "patch_embed", None)
-            if hasattr(m, "num_prefix_tokens") or isinstance(pe, nn.Module):
-                found = name
-                break
-            if isinstance(getattr(m, "conv_proj", None), nn.Module) and hasattr(m, "patch_size"):
-                found = name
-                break
-        _TOKEN_ROOTS[model] = found
-    name = _TOKEN_ROOTS[model]
-    return None if name is None else model.get_submodule(name)
+    """The (sub)module that turns patches into tokens: a timm or torchvision ViT.
+
+    The name found is kept per model and looked for again when that submodule is gone or
+    no longer qualifies (the model was edited). Only token outputs ask, so a model without
+    a token root is searched each time.
+    """
+    name = _TOKEN_ROOTS.get(model)
+    if name is not None:
+        try:
+            kept = model.get_submodule(name)
+        except AttributeError:
+            kept = None
+        if kept is not None and _is_token_root(kept):
+            return kept
+    found = next((n for n, m in model.named_modules() if _is_token_root(m)), None)
+    if found is None:
+        _TOKEN_ROOTS.pop(model, None)
+        return None
+    _TOKEN_ROOTS[model] = found
+    return model.get_submodule(found)
 
 
 def _pair(value: Any) -> tuple[int, int] | None:
