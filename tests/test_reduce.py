@@ -143,6 +143,14 @@ def test_streaming_accumulator_equals_one_shot_fit() -> None:
     np.testing.assert_allclose(streamed.mean, direct.mean, atol=1e-9)
     np.testing.assert_allclose(streamed.components, direct.components, atol=1e-6)
     np.testing.assert_allclose(streamed.hi, 3 * np.sqrt(streamed.explained))
+    # It sums in float64: large finite float32 values are fine, NaN is named.
+    big = PCAAccumulator(8)
+    big.update(torch.rand(2, 8, 8, 8) * 1e37 + 1e37)
+    assert big.n == 128 and np.isfinite(big.sum.numpy()).all()
+    bad = torch.zeros(8, 4, 4)
+    bad[1, 2, 3] = float("nan")
+    with pytest.raises(ReduceError, match="1 NaN/Inf value"):
+        big.update(bad)
 
 
 def test_bases_roundtrip(tmp_path) -> None:

@@ -417,7 +417,7 @@ class PCAAccumulator:
         t = as_tensor(fmaps)
         if t.ndim == 3:
             t = t[None]
-        if not torch.isfinite(t.sum()):
+        if not torch.isfinite(t.sum(dtype=torch.float64)):
             _raise_not_finite(t.numpy())
         x = t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).double()
         self.n += x.shape[0]
