@@ -12,7 +12,7 @@ import re
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -148,7 +148,7 @@ def _block_names(model: nn.Module) -> set[str]:
     """
     candidates: dict[str, nn.Module] = {}
     block_types: set[type[nn.Module]] = set()
-    for parent_name, parent in [("", model), *model.named_modules()]:
+    for parent_name, parent in model.named_modules():
         if parent is not model and not isinstance(parent, _CONTAINERS):
             continue
         previous: type[nn.Module] | None = None
@@ -328,15 +328,22 @@ class _ModelMemo:
         """The layout record for inputs with this signature (the oldest goes beyond 16)."""
         found = self.layouts.get(sig)
         if found is None:
-            if len(self.layouts) >= _MEMO_SIZE:
-                del self.layouts[next(iter(self.layouts))]
-            found = self.layouts[sig] = _LayoutRecord()
+            found = _keep(self.layouts, sig, _LayoutRecord())
         return found
 
     def keep_probe(self, key: Any, order: list[LayerInfo]) -> None:
-        if len(self.probes) >= _MEMO_SIZE:
-            del self.probes[next(iter(self.probes))]
-        self.probes[key] = order
+        _keep(self.probes, key, order)
+
+
+_V = TypeVar("_V")
+
+
+def _keep(kept: dict[Any, _V], key: Any, value: _V) -> _V:
+    """``kept[key] = value``, first dropping the oldest entry once there are _MEMO_SIZE."""
+    if len(kept) >= _MEMO_SIZE:
+        del kept[next(iter(kept))]
+    kept[key] = value
+    return value
 
 
 _MEMO_SIZE = 16
@@ -456,9 +463,7 @@ class Capture:
         self._record: _LayoutRecord | None = None
         self._tracker: _LayoutTracker | None = None
         self._root_calls = 0
-        self._signature: tuple[Any, ...] | None = None
-        self._input_hw: tuple[int, int] | None = None
-        self._batch: int | None = None
+        self._signature: tuple[Any, ...] | None = None  # of the input the forward ran on
 
     def _hook_for(self, name: str) -> Callable[..., None]:
         targets = set(self._bases)
@@ -479,8 +484,6 @@ class Capture:
             return  # the maps are those of the first forward: keep its input size
         for a in args if isinstance(args, tuple) else (args,):
             if isinstance(a, torch.Tensor) and a.ndim == 4:
-                self._input_hw = (int(a.shape[-2]), int(a.shape[-1]))
-                self._batch = int(a.shape[0])
                 self._signature = _signature(a, module.training)
                 break
         if self._record is not None and self._signature != self._expected:
@@ -560,19 +563,6 @@ class Capture:
         return found
 
     def _collect(self) -> FeatureMaps:
-        modules = self._modules or _named_modules(self.model)
-        hw = self._input_hw or (0, 0)
-        ctx = self.layout or LayoutContext(input_hw=hw, model=self.model)
-        if self.layout is not None and self._input_hw is not None:
-            ctx = replace(self.layout, input_hw=self._input_hw)
-        ctx = replace(
-            ctx,
-            model=ctx.model if ctx.model is not None else self.model,
-            batch=self._batch if ctx.batch is None else ctx.batch,
-            layouts=self._layouts(),
-        )
-        maps: dict[str, torch.Tensor] = {}
-        info: dict[str, LayerInfo] = {}
         bases = self._bases
         missing = [b for b in bases if b not in self._raw]
         if missing:
@@ -580,6 +570,18 @@ class Capture:
                 f"layer(s) {', '.join(missing)} never ran during the forward pass "
                 "(not used by forward(), or the forward stopped before them)"
             )
+        modules = self._modules  # filled on entering: every base ran, so we were entered
+        shape = self._signature[0] if self._signature is not None else None  # the input's
+        ctx = self.layout or LayoutContext(input_hw=(0, 0))
+        ctx = replace(
+            ctx,
+            input_hw=(int(shape[-2]), int(shape[-1])) if shape is not None else ctx.input_hw,
+            model=ctx.model if ctx.model is not None else self.model,
+            batch=ctx.batch if ctx.batch is not None or shape is None else int(shape[0]),
+            layouts=self._layouts(),
+        )
+        maps: dict[str, torch.Tensor] = {}
+        info: dict[str, LayerInfo] = {}
         for base in bases:
             entries = normalize_output(base, modules[base], self._raw[base], ctx)
             keys = [key for key, _, _ in entries]
@@ -684,11 +686,12 @@ def list_layers(
     if cached is not None:
         return cached
     modules = {name: module for name, module in named if name}
-    tracker = _LayoutTracker((int(x.shape[-2]), int(x.shape[-1])))
-    ctx = layout or LayoutContext(input_hw=(int(x.shape[-2]), int(x.shape[-1])), model=model)
+    tracker = _LayoutTracker()
+    hw = (int(x.shape[-2]), int(x.shape[-1]))
+    ctx = layout or LayoutContext(input_hw=hw, model=model)
     ctx = replace(
         ctx,
-        input_hw=(int(x.shape[-2]), int(x.shape[-1])),
+        input_hw=hw,
         model=ctx.model if ctx.model is not None else model,
         batch=int(x.shape[0]),
         layouts=tracker.layouts,
@@ -720,7 +723,7 @@ def list_layers(
         for h in handles:
             h.remove()
         _restore_modes(modes)
-    memo.record(_signature(x, False)).add(tracker)
+    memo.record(key[0]).add(tracker)
     for name, module in modules.items():
         if name not in seen:
             order.append(LayerInfo(name, type(module).__name__, None, note="did not run"))

@@ -214,12 +214,11 @@ class _LayoutTracker:
     model's own forward pre-hook, see :meth:`start`) with ``prepend=True``.
     """
 
-    def __init__(self, input_hw: tuple[int, int] = (0, 0)) -> None:
+    def __init__(self) -> None:
         self.layouts: dict[str, tuple[str, str]] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.ran: set[str] = set()
-        self.batch: int | None = None
-        self.input_hw = input_hw
+        self.input_hw = (0, 0)  # set by the model's pre-hook
         self._stack: list[_Frame] = []
         self._known: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
         self._recent: dict[tuple[int, ...], tuple[str, int]] = {}
@@ -290,7 +289,6 @@ class _LayoutTracker:
     def _root_pre(self, module: nn.Module, args: Any) -> None:
         for a in args if isinstance(args, tuple) else (args,):
             if isinstance(a, torch.Tensor) and a.ndim == 4:
-                self.batch = int(a.shape[0])
                 self.input_hw = (int(a.shape[-2]), int(a.shape[-1]))
                 self._remember(a, NCHW)
                 return

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ._files import write_bytes
@@ -147,9 +148,9 @@ def layer_data(
         statistics of the shown channels, the atlas and the PCA picture.
     """
     rec = layer_record(name, fm)
-    arr = fm[name][0].detach().to("cpu").float().numpy()
-    channels = select_channels(arr, order, max_channels)
-    q, vmin, vmax = quantize(arr[channels])
+    t = fm[name][0].detach().to("cpu", torch.float32)  # reduce's functions take it uncopied
+    channels = select_channels(t, order, max_channels)
+    q, vmin, vmax = quantize(t.numpy()[channels])
     _, h, w = q.shape
     cols = max(1, math.ceil(math.sqrt(len(channels))))
     out: dict[str, Any] = {
@@ -179,7 +180,7 @@ def layer_data(
         "pca_error": None,
     }
     try:
-        rgb = pca_rgb(arr, 3)
+        rgb = pca_rgb(t, 3)
         out["pca"] = _data_url(pca_picture(rgb, size=max(h, w)), "PNG", optimize=True)
     except ReduceError as exc:
         out["pca_error"] = str(exc)

@@ -36,7 +36,6 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -49,8 +48,17 @@ from .errors import FeatureMapsError, LayerError, suggest
 from .images import SAMPLES, preprocess, sample_image, to_rgb
 from .models import LoadedModel, available_models, load_model
 from .pipeline import predictions_note, top_predictions
-from .reduce import Norm, Scaling, apply_scaling, channel_stats, compute_scaling, pca_rgb
+from .reduce import (
+    Norm,
+    Scaling,
+    _symlog,
+    apply_scaling,
+    channel_stats,
+    compute_scaling,
+    pca_rgb,
+)
 from .render import colorize, colormap_lut, overlay, pca_picture, render_grid, upsample
+from .report import asset
 
 try:
     from fastapi import FastAPI, Query, Request
@@ -286,11 +294,8 @@ def _ticks(s: Scaling, n: int = 5) -> list[float]:
         vals = 10.0 ** (np.log10(lo) + fr * (np.log10(hi) - np.log10(lo)))
     elif s.norm == "symlog":
         lin = float(s.linthresh[0])
-
-        def fwd(v: float) -> float:
-            return float(np.sign(v) * np.log10(1.0 + abs(v) / lin))
-
-        y = fwd(lo) + fr * (fwd(hi) - fwd(lo))
+        y0, y1 = _symlog(np.array([lo, hi]), lin)
+        y = y0 + fr * (y1 - y0)
         vals = np.sign(y) * lin * (10.0 ** np.abs(y) - 1.0)
     else:
         vals = lo + fr * (hi - lo)
@@ -590,10 +595,6 @@ def _floats(a: np.ndarray) -> list[float | None]:
     return [float(f"{v:.6g}") if np.isfinite(v) else None for v in np.asarray(a, np.float64)]
 
 
-def _asset(name: str) -> str:
-    return (resources.files("featuremaps") / name).read_text(encoding="utf-8")
-
-
 # -- the app ----------------------------------------------------------------------------------
 
 if _MISSING is None:
@@ -672,9 +673,9 @@ def create_app(
     app.state.engine = engine
     hosts = list(allowed_hosts)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
-    html_page = _asset("templates/viewer.html")
-    script = _asset("static/viewer.js")
-    style = _asset("static/common.css") + _asset("static/viewer.css")
+    html_page = asset("templates/viewer.html")
+    script = asset("static/viewer.js")
+    style = asset("static/common.css") + asset("static/viewer.css")
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -865,7 +866,7 @@ def create_app(
     ) -> dict[str, Any]:
         e = engine.capture_entry(capture_id)
         m = _channel(engine.layer_map(e, layer), channel)
-        _, s = _scaled(m, norm)
+        s = compute_scaling(m, _norm(norm), per_channel=True)
         stats = engine.layer_stats(e, layer)
         return {
             "layer": layer,
