@@ -27,15 +27,20 @@ def as_tensor(fmap: ArrayLike) -> torch.Tensor:
     return fmap.detach().to("cpu", torch.float32)
 
 
+def _chw_shape(fmap: ArrayLike) -> tuple[int, int, int]:
+    """The ``(C, H, W)`` of a map or a batch of one, checked, without reading the values."""
+    shape = tuple(int(n) for n in fmap.shape)
+    if len(shape) == 4:
+        if shape[0] != 1:
+            raise ReduceError(f"expected one map (1, C, H, W), got batch of {shape[0]}")
+        shape = shape[1:]
+    if len(shape) != 3:
+        raise ReduceError(f"expected a (C, H, W) map, got shape {shape}")
+    return shape  # type: ignore[return-value]
+
+
 def _as_chw(fmap: ArrayLike) -> torch.Tensor:
-    t = as_tensor(fmap)
-    if t.ndim == 4:
-        if t.shape[0] != 1:
-            raise ReduceError(f"expected one map (1, C, H, W), got batch of {t.shape[0]}")
-        t = t[0]
-    if t.ndim != 3:
-        raise ReduceError(f"expected a (C, H, W) map, got shape {tuple(t.shape)}")
-    return t
+    return as_tensor(fmap).reshape(_chw_shape(fmap))
 
 
 # -- statistics and ranking ------------------------------------------------------------------
@@ -63,13 +68,12 @@ def select_channels(
             an explicit list of channel indices.
         k: how many (``None``: all).
     """
-    t = _as_chw(fmap)
-    c = t.shape[0]
+    c = _chw_shape(fmap)[0]  # only "top" reads the values
     if isinstance(order, str):
         if order == "index":
             idx = list(range(c))
         elif order == "top":
-            means = torch.nan_to_num(t.flatten(1).mean(1), nan=-float("inf"))
+            means = torch.nan_to_num(_as_chw(fmap).flatten(1).mean(1), nan=-float("inf"))
             idx = torch.argsort(means, descending=True, stable=True).tolist()
         else:
             raise ReduceError(f"channel order {order!r}: use index, top or a list of indices")

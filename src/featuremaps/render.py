@@ -203,10 +203,7 @@ def render_grid(
         raise FeatureMapsError(f"scale {scale!r}: use channel or layer")
     palette = _palette(cmap)  # an unknown colormap fails before any work
     arr = _chw_numpy(fmap)
-    if isinstance(order, str) and order == "index":
-        channels = list(range(arr.shape[0]))[:max_maps]
-    else:
-        channels = select_channels(arr, order, max_maps)
+    channels = select_channels(arr, order, max_maps)
     if not channels:
         raise FeatureMapsError("no channels to draw")
     k = len(channels)
