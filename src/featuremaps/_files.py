@@ -64,3 +64,97 @@ def save_image(img: Any, path: str | os.PathLike[str], **kwargs: Any) -> None:
             kwargs["compress_type"] = zlib.Z_RLE
     with atomic_path(path) as tmp:
         img.save(tmp, format=fmt, **kwargs)
+
+
+def describe_os_error(exc: OSError, path: str | os.PathLike[str] | None = None) -> str:
+    """One line naming the path and the cause of ``exc`` (no traceback needed)."""
+    import errno
+
+    where = path if path is not None else (exc.filename or "")
+    causes = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exceeded",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+        errno.EROFS: "the file system is read-only",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.EISDIR: "it is a folder, not a file",
+        errno.ENOENT: "no such file or folder",
+        errno.EEXIST: "it already exists",
+        errno.ENAMETOOLONG: "the name is too long",
+    }
+    cause = causes.get(exc.errno or -1, exc.strerror or exc.__class__.__name__)
+    return f"{where}: {cause}" if where else cause
+
+
+def prepare_output_dir(path: str | os.PathLike[str], what: str = "--out") -> Path:
+    """Create the output folder and prove it takes a file, before any compute.
+
+    Raises:
+        FeatureMapsError: the path is a file or lies under one, the folder cannot be
+            created, or a file cannot be written in it; the message names the path.
+    """
+    from .errors import FeatureMapsError
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise FeatureMapsError(f"{what} {folder}: it is a file; give a folder path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".featuremaps-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise FeatureMapsError(
+            f"{what} {describe_os_error(exc, folder)}; choose a folder you can write to"
+        )
+    return folder
+
+
+def prepare_output_file(path: str | os.PathLike[str], what: str = "--out") -> Path:
+    """Check that ``path`` can be written as a file (its folder made), before any compute."""
+    from .errors import FeatureMapsError
+
+    target = Path(path)
+    if target.is_dir():
+        raise FeatureMapsError(f"{what} {target}: it is a folder; give a file name")
+    prepare_output_dir(target.parent, what=f"{what} {target}: its folder")
+    return target
+
+
+LOCK_NAME = ".featuremaps.lock"
+
+
+@contextmanager
+def output_lock(folder: str | os.PathLike[str], command: str) -> Iterator[Path]:
+    """Hold an exclusive lock on an output folder for one run.
+
+    The lock is ``fcntl.flock`` on ``FOLDER/.featuremaps.lock``, which records the PID
+    and the command. The kernel releases it when the process ends, however it ends, so
+    a lock file left by a dead process is simply taken over.
+
+    Raises:
+        FeatureMapsError: another live process holds the folder; the message names it.
+    """
+    import fcntl
+    import sys
+
+    from .errors import FeatureMapsError
+
+    folder = prepare_output_dir(folder)
+    lock_path = folder / LOCK_NAME
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
+            raise FeatureMapsError(
+                f"{folder} is in use by another featuremaps run ({holder}); wait for it "
+                "to finish or choose another --out"
+            )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}: {command or ' '.join(sys.argv)}\n".encode(), 0)
+        yield lock_path
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
