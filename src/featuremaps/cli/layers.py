@@ -1,0 +1,68 @@
+"""``featuremaps layers``: every name a user may type, exactly as ``--layers`` takes it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ._app import (
+    ModelArg,
+    PrefixOpt,
+    TokensGridOpt,
+    WeightsOpt,
+    app,
+    out,
+    token_layout,
+)
+
+
+@app.command()
+def layers(
+    model: ModelArg,
+    weights: WeightsOpt = "none",
+    image: Annotated[
+        Path | None, typer.Option(help="Run this image instead of a blank input.")
+    ] = None,
+    tokens_grid: TokensGridOpt = None,
+    prefix_tokens: PrefixOpt = None,
+) -> None:
+    """List every layer with its type and output shape (one dry forward)."""
+    import torch
+
+    from ..capture import list_layers
+    from ..images import load_image, preprocess
+    from ..models import load_model
+
+    loaded = load_model(model, weights)
+    pp = loaded.preprocess
+    if image is not None:
+        x = preprocess(load_image(image), pp)[None]
+    else:
+        side = pp.crop or pp.resize or 224
+        x = torch.zeros(1, 3, side, side)
+    infos = list_layers(loaded.module, x, layout=token_layout(tokens_grid, prefix_tokens))
+    table = Table(title=f"{loaded.spec} ({loaded.weights}), input {tuple(x.shape)}")
+    table.add_column("name")
+    table.add_column("type")
+    table.add_column("output shape")
+    table.add_column("map (B,C,H,W)")
+    table.add_column("note")
+    rank = _module_order(loaded.module)
+    for info in sorted(infos, key=lambda i: rank.get(i.name.split("[")[0], 1 << 30)):
+        raw = "x".join(map(str, info.raw_shape)) if info.raw_shape else "-"
+        shape = "x".join(map(str, info.shape)) if info.shape else "-"
+        layout = "" if info.layout in ("NCHW", "not spatial") else info.layout
+        note = "; ".join(part for part in (layout, info.note) if part)
+        table.add_row(info.name, info.module_type, raw, shape, note)
+    out.print(table)
+    out.print(f"preprocessing: {pp.describe()}")
+    from ..capture import PRESETS
+
+    out.print(f"presets: {', '.join(PRESETS)} (e.g. --layers stages)")
+
+
+def _module_order(module: Any) -> dict[str, int]:
+    return {n: i for i, (n, _) in enumerate(module.named_modules())}
