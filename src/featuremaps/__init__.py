@@ -15,7 +15,8 @@ from .capture import Capture, FeatureMaps, LayerInfo, LayoutContext, capture, li
 from .errors import FeatureMapsError, ImageError, LayerError, ModelError, ReduceError
 from .images import display_image, expand_inputs, load_image, preprocess, sample_image
 from .models import LoadedModel, Preprocess, available_models, load_model
-from .pipeline import RenderOptions, analyze, run
+from .options import RenderOptions
+from .pipeline import analyze, run
 from .reduce import PCAAccumulator, PCABasis, channel_stats, pca_basis, pca_rgb
 from .render import channel_grid, overlay, pca_panel, render_grid, show
 
