@@ -108,6 +108,24 @@ def test_grid_order_top_and_explicit_list() -> None:
         fmap[c, 0, 0] = m + 1  # not constant
     assert render_grid(fmap, order="top", max_maps=3).channels == [1, 3, 2]
     assert render_grid(fmap, order=[4, 0]).channels == [4, 0]
+    assert render_grid(fmap, order="4,0").channels == [4, 0]
+
+
+def test_grid_order_variance_draws_the_most_varied_channels_first() -> None:
+    rng = np.random.default_rng(5)
+    spread = np.array([0.5, 4.0, 1.0, 0.1, 2.0, 3.0])
+    fmap = (rng.normal(size=(6, 4, 5)) * spread[:, None, None] + 10 - spread[:, None, None])
+    fmap = fmap.astype(np.float32)
+    var = fmap.reshape(6, -1).astype(np.float64).var(axis=1)
+    expected = np.argsort(-var, kind="stable")[:4].tolist()
+    grid = render_grid(fmap, order="variance", max_maps=4, map_size=4, cols=2)
+    assert grid.channels == expected
+    index = np.asarray(grid.image)
+    for ch, (x0, y0, x1, y1) in zip(grid.channels, grid.boxes, strict=True):
+        values = fmap[ch]
+        expect, tie = _expected_levels(values, float(values.min()), float(values.max()))
+        drawn = index[y0:y1, x0:x1].astype(int)
+        assert ((drawn == expect) | (tie & (np.abs(drawn - expect) <= 1))).all()
 
 
 def test_grid_nan_is_magenta_and_layout_options() -> None:

@@ -152,8 +152,10 @@ def choices(kind: type[Enum] | Iterable[Any]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
-def parse_choice(kind: type[_E], value: Any, option: str) -> _E:
-    """``value`` as a member of the enum ``kind``, or an :class:`OptionError` naming ``option``.
+def parse_choice(
+    kind: type[_E], value: Any, option: str, *, error: type[OptionError] = OptionError
+) -> _E:
+    """``value`` as a member of the enum ``kind``, or an ``error`` naming ``option``.
 
     Example:
         >>> parse_choice(Norm, "log", "--norm")
@@ -172,10 +174,15 @@ def parse_choice(kind: type[_E], value: Any, option: str) -> _E:
             pass
     valid = [str(m.value) for m in kind]
     hint = suggest(str(value), valid, n=1) if isinstance(value, str) else ""
-    raise OptionError(f"{option} {value!r}: use {choices(kind)}.{hint}".rstrip("."))
+    raise error(f"{option} {value!r}: use {choices(kind)}.{hint}".rstrip("."))
 
 
-def parse_order(value: str | Order | Sequence[int], option: str = "--order") -> ChannelOrder:
+def parse_order(
+    value: str | Order | Sequence[int],
+    option: str = "--order",
+    *,
+    error: type[OptionError] = OptionError,
+) -> ChannelOrder:
     """A channel order from a name (``"top"``), a comma-separated list (``"3,7,12"``) or a
     sequence of ints.
 
@@ -183,7 +190,7 @@ def parse_order(value: str | Order | Sequence[int], option: str = "--order") -> 
     layer by :func:`featuremaps.reduce.select_channels`.
 
     Raises:
-        OptionError: neither a known name nor a list of non-negative integers.
+        OptionError: (or ``error``) neither a known name nor a list of non-negative integers.
 
     Example:
         >>> parse_order("3, 7,12")
@@ -200,7 +207,7 @@ def parse_order(value: str | Order | Sequence[int], option: str = "--order") -> 
         parts = [p.strip() for p in text.split(",")]
         if not all(p.lstrip("-").isdigit() for p in parts):
             hint = suggest(text, [m.value for m in Order], n=1)
-            raise OptionError(
+            raise error(
                 f"{option} {value!r}: use {choices(_ORDER_HELP.values())}, or channel "
                 f"numbers like 3,7,12.{hint}".rstrip(".")
             )
@@ -209,12 +216,12 @@ def parse_order(value: str | Order | Sequence[int], option: str = "--order") -> 
         try:
             idx = tuple(_as_index(i) for i in value)
         except (TypeError, ValueError):
-            raise OptionError(f"{option} {value!r}: channel indices must be integers") from None
+            raise error(f"{option} {value!r}: channel indices must be integers") from None
     if not idx:
-        raise OptionError(f"{option}: the list of channels is empty")
+        raise error(f"{option}: the list of channels is empty")
     negative = [i for i in idx if i < 0]
     if negative:
-        raise OptionError(f"{option}: channel indices start at 0; got {negative}")
+        raise error(f"{option}: channel indices start at 0; got {negative}")
     return idx
 
 

@@ -5,14 +5,14 @@ Pure functions on tensors/arrays; none modifies its input and none draws anythin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
 from .errors import ReduceError
+from .options import Norm, OptionError, Order, parse_choice, parse_order
 from .pca import (  # noqa: F401  (moved to pca.py; re-exported for importers)
     PCAAccumulator,
     PCABasis,
@@ -23,7 +23,10 @@ from .pca import (  # noqa: F401  (moved to pca.py; re-exported for importers)
 )
 
 ArrayLike = torch.Tensor | np.ndarray
-Norm = Literal["linear", "log", "symlog"]
+
+
+class ReduceOptionError(ReduceError, OptionError):
+    """A reduction was given an option value outside its choices."""
 
 
 def as_tensor(fmap: ArrayLike) -> torch.Tensor:
@@ -63,28 +66,48 @@ def channel_stats(fmap: ArrayLike) -> dict[str, np.ndarray]:
     }
 
 
+_RANKINGS: dict[Order, Callable[[torch.Tensor], torch.Tensor]] = {
+    Order.TOP: lambda flat: flat.mean(1),
+    Order.VARIANCE: lambda flat: flat.double().var(1, correction=0),
+}
+"""The score of each channel of ``(C, H*W)`` values under each ranking order, highest
+shown first. A new ranking order is one member of :class:`~featuremaps.options.Order`
+and one entry here."""
+
+
 def select_channels(
-    fmap: ArrayLike, order: str | Sequence[int] = "index", k: int | None = None
+    fmap: ArrayLike, order: str | Order | Sequence[int] = "index", k: int | None = None
 ) -> list[int]:
     """Channel indices to show.
 
     Args:
         fmap: a ``(C, H, W)`` map.
-        order: ``"index"`` (0, 1, 2, ...), ``"top"`` (highest mean activation first) or
-            an explicit list of channel indices.
+        order: a :class:`~featuremaps.options.Order` or its name: ``"index"`` (0, 1,
+            2, ...), ``"top"`` (highest mean activation first), ``"variance"`` (highest
+            spatial variance first: the population variance of each channel's ``H * W``
+            values, computed in float64); or an explicit list of channel indices (also
+            as text, ``"3,7,12"``). Ties keep index order; a channel holding NaN/Inf
+            ranks last.
         k: how many (``None``: all).
+
+    Raises:
+        ReduceError: an unknown order or an index outside the layer.
+
+    Example:
+        >>> x = torch.zeros(3, 2, 2); x[2, 0, 0] = 1.0; x[1] = 5.0
+        >>> select_channels(x, "top"), select_channels(x, "variance")
+        ([1, 2, 0], [2, 0, 1])
     """
-    c = _chw_shape(fmap)[0]  # only "top" reads the values
-    if isinstance(order, str):
-        if order == "index":
-            idx = list(range(c))
-        elif order == "top":
-            means = torch.nan_to_num(_as_chw(fmap).flatten(1).mean(1), nan=-float("inf"))
-            idx = torch.argsort(means, descending=True, stable=True).tolist()
-        else:
-            raise ReduceError(f"channel order {order!r}: use index, top or a list of indices")
+    c = _chw_shape(fmap)[0]  # only the ranking orders read the values
+    chosen = parse_order(order, "channel order", error=ReduceOptionError)  # type: ignore[arg-type]
+    if chosen is Order.INDEX:
+        idx = list(range(c))
+    elif isinstance(chosen, Order):
+        score = _RANKINGS[chosen](_as_chw(fmap).flatten(1))
+        score = torch.nan_to_num(score, nan=-float("inf"))  # var of a ±Inf channel is NaN
+        idx = torch.argsort(score, descending=True, stable=True).tolist()
     else:
-        idx = [int(i) for i in order]
+        idx = list(chosen)
         bad = [i for i in idx if not 0 <= i < c]
         if bad:
             raise ReduceError(f"channels {bad} out of range: this layer has {c} (0..{c - 1})")
@@ -104,7 +127,9 @@ class Scaling:
     linthresh: np.ndarray  # (K,) linear range of symlog
 
 
-def compute_scaling(maps: np.ndarray, norm: Norm = "linear", per_channel: bool = True) -> Scaling:
+def compute_scaling(
+    maps: np.ndarray, norm: Norm | str = Norm.LINEAR, per_channel: bool = True
+) -> Scaling:
     """Bounds for ``(K, H, W)`` maps: each channel's own or the layer's shared min/max.
 
     NaN and ±Inf values are left out of the bounds. For ``log`` the lower bound is the
@@ -112,8 +137,7 @@ def compute_scaling(maps: np.ndarray, norm: Norm = "linear", per_channel: bool =
     the linear range is 1% of the largest magnitude. A channel with no usable value gets
     0..0 (``log``: 1..1). The bounds are float64 copies of values of the maps.
     """
-    if norm not in ("linear", "log", "symlog"):
-        raise ReduceError(f"norm {norm!r}: use linear, log or symlog")
+    norm = parse_choice(Norm, norm, "norm", error=ReduceOptionError)
     k = maps.shape[0]
     flat = _float(maps).reshape(k, -1)
     if flat.size and _all_finite(flat):  # the usual case: plain min/max, no NaN masks

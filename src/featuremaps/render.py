@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import FeatureMapsError, suggest
-from .reduce import ArrayLike, Norm, Scaling, apply_scaling, compute_scaling, select_channels
+from .errors import FeatureMapsError
+from .options import Norm, Order, Scale, check_cmap, parse_choice
+from .reduce import ArrayLike, Scaling, apply_scaling, compute_scaling, select_channels
 
 LEVELS = 250
 """Colour levels of every colormapped picture (grids, channel views, overlays).
@@ -50,14 +51,7 @@ def colormap_lut(name: str = "viridis") -> np.ndarray:
     """A ``(256, 3)`` uint8 lookup table of a matplotlib colormap."""
     import matplotlib
 
-    try:
-        cmap = matplotlib.colormaps[name]
-    except KeyError:
-        names = list(matplotlib.colormaps)
-        raise FeatureMapsError(
-            f"unknown colormap {name!r}.{suggest(name, names)} Common: viridis, magma, "
-            "inferno, gray, RdBu_r, jet."
-        ) from None
+    cmap = matplotlib.colormaps[check_cmap(name, "colormap")]
     lut = (cmap(np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
     lut.setflags(write=False)
     return lut
@@ -159,10 +153,10 @@ def render_grid(
     max_maps: int | None = 64,
     cols: int | None = None,
     map_size: int = 64,
-    norm: Norm = "linear",
+    norm: Norm | str = Norm.LINEAR,
     cmap: str = "viridis",
-    order: str | Sequence[int] = "index",
-    scale: str = "channel",
+    order: str | Order | Sequence[int] = Order.INDEX,
+    scale: Scale | str = Scale.CHANNEL,
     labels: bool = False,
     colorbar: bool = False,
     pad: int = 2,
@@ -185,7 +179,9 @@ def render_grid(
             side nearest this many pixels (never downsampled).
         norm: ``linear``, ``log`` or ``symlog``.
         cmap: a matplotlib colormap name.
-        order: ``index``, ``top`` (by mean activation) or a list of channel indices.
+        order: ``index``, ``top`` (by mean activation), ``variance`` (by spatial
+            variance) or a list of channel indices (see
+            :func:`featuremaps.reduce.select_channels`).
         scale: ``channel`` (each map its own min..max) or ``layer`` (one shared range).
         labels: write the channel index above each map.
         colorbar: add a colour bar with the value range at the bottom.
@@ -199,8 +195,7 @@ def render_grid(
         >>> grid.image.mode, grid.factor, grid.boxes[0]
         ('P', 8, (2, 2, 66, 66))
     """
-    if scale not in ("channel", "layer"):
-        raise FeatureMapsError(f"scale {scale!r}: use channel or layer")
+    scale = parse_choice(Scale, scale, "scale")
     palette = _palette(cmap)  # an unknown colormap fails before any work
     arr = _chw_numpy(fmap)
     channels = select_channels(arr, order, max_maps)
