@@ -25,13 +25,11 @@ from featuremaps.atlas import (
     STATE_FILE,
     BatchResult,
     SkippedImageWarning,
-    _covariance,
-    _pca_pixels,
-    _top_k,
     build_atlas,
     crop_box,
     dataset_paths,
 )
+from featuremaps.atlas.batch import _covariance, _pca_pixels, _top_k
 from featuremaps.cli import main
 from featuremaps.images import load_image, preprocess
 from featuremaps.reduce import PCAAccumulator, load_bases
@@ -417,7 +415,7 @@ def test_top_k_merge_is_associative_with_a_total_order() -> None:
 
 
 def test_ray_results_are_folded_in_batch_order() -> None:
-    from featuremaps.atlas_ray import _in_batch_order
+    from featuremaps.atlas.engines.ray import _in_batch_order
 
     arrived = [BatchResult(i, 0, [], []) for i in (3, 1, 7, 5)]
     assert [r.index for r in _in_batch_order(iter(arrived), [1, 3, 5, 7])] == [1, 3, 5, 7]

@@ -7,8 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
+from ..atlas.batch import Precision
+from ..options import Device, Engine, Score
 from ._app import (
-    DeviceOpt,
     LayersOpt,
     ModelArg,
     WeightsOpt,
@@ -22,18 +23,38 @@ from ._app import (
 @app.command()
 def atlas(
     model: ModelArg,
-    data: Annotated[str, typer.Argument(help="Folder (recursive), glob, or text file of paths.")],
+    data: Annotated[
+        str,
+        typer.Argument(
+            help="Folder (recursive), glob, or text file of paths; or an fsspec URL "
+            "(s3://bucket/prefix/, a glob, or a list file of URLs)."
+        ),
+    ],
     layers: LayersOpt = "stages",
     top: Annotated[int, typer.Option("--top", "-k", help="Images kept per channel.")] = 9,
     out_dir: Annotated[
         Path, typer.Option("--out", "-o", help="Output folder (also holds the checkpoint).")
     ] = Path("featuremaps-atlas"),
     weights: WeightsOpt = "DEFAULT",
-    score: Annotated[str, typer.Option(help="max (spatial max) or mean.")] = "max",
+    score: Annotated[Score, typer.Option(help="max (spatial max) or mean.")] = Score.MAX,
     batch_size: Annotated[int, typer.Option(help="Images per forward.")] = 32,
     workers: Annotated[int, typer.Option(help="Decoding processes (ray: model actors).")] = 2,
-    engine: Annotated[str, typer.Option(help="local, or ray (RAY_ADDRESS or local).")] = "local",
-    device: DeviceOpt = "auto",
+    engine: Annotated[
+        Engine, typer.Option(help="local, or ray (--ray-address, RAY_ADDRESS, or local).")
+    ] = Engine.LOCAL,
+    device: Annotated[
+        Device, typer.Option(help="auto, cpu, cuda or mps (local engine).")
+    ] = Device.AUTO,
+    precision: Annotated[
+        Precision, typer.Option(help="Forward precision; statistics stay float32/64.")
+    ] = Precision.FP32,
+    gpus_per_worker: Annotated[
+        float | None,
+        typer.Option(help="GPUs per Ray actor [default: 1 where the cluster has GPUs, else 0]."),
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS or local).")
+    ] = None,
     checkpoint_every: Annotated[float, typer.Option(help="Seconds between checkpoints.")] = 60.0,
     restart: Annotated[bool, typer.Option(help="Ignore a checkpoint in --out.")] = False,
     report_url: Annotated[
@@ -62,6 +83,9 @@ def atlas(
             workers=workers,
             engine=engine,
             device=device,
+            precision=precision,
+            gpus_per_worker=gpus_per_worker,
+            ray_address=ray_address,
             checkpoint_seconds=checkpoint_every,
             restart=restart,
             report_url=report_url,
@@ -70,6 +94,12 @@ def atlas(
     resumed = f" ({r.resumed} done by an earlier run)" if r.resumed else ""
     out.print(
         f"{r.images_used} of {r.images_total} images used{resumed}, "
-        f"{len(r.skipped)} skipped, {r.images_per_second:.1f} images/s"
+        f"{len(r.skipped)} skipped, {r.images_per_second:.1f} images/s",
+        markup=False,
+        highlight=False,
     )
-    out.print(f"atlas -> {r.atlas_json}\npages -> {r.pages[0]}\nPCA basis -> {r.pca_basis}")
+    out.print(
+        f"atlas -> {r.atlas_json}\npages -> {r.pages[0]}\nPCA basis -> {r.pca_basis}",
+        markup=False,
+        highlight=False,
+    )

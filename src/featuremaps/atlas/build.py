@@ -1,0 +1,279 @@
+"""The atlas driver: checks, the output lock, the fold in batch order, checkpoints, outputs.
+
+Determinism. ``atlas.json`` is a function of the dataset and the options only:
+
+* images are identified by their path; the canonical order is the sorted path strings;
+* ties are broken by a total order, score descending then path ascending, so merging
+  partial top-K lists is associative and commutative;
+* batches are fixed chunks of ``batch_size`` consecutive images of the canonical order
+  (minus unreadable files), whatever the engine and however often a run was resumed:
+  some convolution kernels give last-bit differences for another batch size, so the
+  same batches are what makes the engines agree bitwise;
+* floating-point sums (mean activation, covariance) are folded batch by batch in batch
+  order, from per-batch partials that each engine computes with the same code.
+
+Checkpoints. Every ``checkpoint_seconds`` the whole state is written atomically to
+``OUT/atlas_state.npz`` (see :mod:`featuremaps.atlas.state`); a run of the same
+configuration resumes from it. One run at a time per output folder: the driver holds
+:func:`featuremaps._files.output_lock` on it for the whole run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from hashlib import sha256
+from pathlib import Path
+
+from .._files import describe_os_error, output_lock
+from ..errors import FeatureMapsError, ImageError
+from ..models import LoadedModel, load_model
+from ..options import Device, OptionError, Score, check_range, parse_choice
+from ..options import Engine as EngineName
+from .batch import Precision, probe
+from .data import DataSpec, Plan, dataset_paths, fixed_size
+from .engines import Engine, EngineOptions, create_engine
+from .outputs import atlas_document, write_outputs
+from .state import STATE_FILE, open_state
+
+Progress = Callable[[str, int, int], None]
+"""Called as ``progress(phase, done, total)``; phase ``images`` counts images."""
+
+
+class SkippedImageWarning(UserWarning):
+    """A file of the dataset could not be used (unreadable, or non-finite activations)."""
+
+
+@dataclass
+class AtlasResult:
+    """What :func:`build_atlas` did.
+
+    Attributes:
+        out_dir: the output folder.
+        atlas_json: path of ``atlas.json``.
+        pca_basis: path of ``pca_basis.npz`` (for ``featuremaps run --pca-basis``).
+        pages: the per-layer HTML pages (and ``index.html`` first).
+        images_total: images in the dataset.
+        images_used: images that went into the atlas.
+        skipped: ``(path, reason)`` of every file that could not be used.
+        resumed: images already done by an earlier, interrupted run.
+        seconds: wall time of this run's inference loop.
+        images_per_second: images this run processed per second of that loop.
+    """
+
+    out_dir: Path
+    atlas_json: Path
+    pca_basis: Path | None
+    pages: list[Path]
+    images_total: int
+    images_used: int
+    skipped: list[tuple[str, str]]
+    resumed: int
+    seconds: float
+    images_per_second: float
+
+
+def build_atlas(
+    model: str | LoadedModel,
+    data: DataSpec,
+    layers: str | Sequence[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    weights: str = "DEFAULT",
+    top: int = 9,
+    score: Score | str = Score.MAX,
+    batch_size: int = 32,
+    workers: int = 2,
+    engine: EngineName | str = EngineName.LOCAL,
+    device: Device | str = Device.AUTO,
+    precision: Precision | str = Precision.FP32,
+    gpus_per_worker: float | None = None,
+    ray_address: str | None = None,
+    checkpoint_seconds: float = 60.0,
+    restart: bool = False,
+    n_components: int = 3,
+    report_url: str | None = None,
+    progress: Progress | None = None,
+) -> AtlasResult:
+    """Build the channel atlas of ``layers`` over a dataset, resuming a checkpoint if any.
+
+    Args:
+        model: a model spec (see :func:`featuremaps.load_model`) or a loaded model.
+        data: a folder (recursively), a glob, a text file of paths, or a list of these.
+        layers: names, globs or presets (``stages``).
+        out_dir: where ``atlas.json``, ``pca_basis.npz``, ``crops/``, the HTML pages and
+            the checkpoint go.
+        weights: weights of a model given as a spec.
+        top: images kept per channel.
+        score: ``max`` (spatial max of the channel) or ``mean``.
+        batch_size: images per forward; also fixes the batches (see the module notes).
+        workers: decoding processes (local) or model actors (ray).
+        engine: ``local`` or ``ray`` (see :mod:`featuremaps.atlas.engines`).
+        device: ``auto``, ``cpu``, ``cuda`` or ``mps`` (local engine).
+        precision: ``fp32``, or ``bf16``/``fp16`` for a forward under autocast
+            (statistics are accumulated in float32/float64 either way).
+        gpus_per_worker: GPUs per Ray actor (``None``: one where the cluster has GPUs).
+        ray_address: the Ray cluster (``None``: ``RAY_ADDRESS`` or a local instance).
+        checkpoint_seconds: time between checkpoints (0: after every batch).
+        restart: ignore an existing checkpoint in ``out_dir``.
+        n_components: PCA components of the dataset basis.
+        report_url: link of each channel on the pages, a template with ``{layer}`` and
+            ``{channel}`` (default: the channel's anchor on its page).
+        progress: called as ``progress(phase, done, total)``.
+
+    Returns:
+        An :class:`AtlasResult`.
+
+    Raises:
+        FeatureMapsError: bad options, an unknown model or layer, an empty dataset or
+            one without a usable image, an output folder that cannot be written or is
+            in use by another run, or an unreadable checkpoint or one of another
+            configuration in ``out_dir``.
+
+    Example:
+        >>> r = build_atlas("resnet18", "photos/", "layer3", "atlas", weights="none", top=9)
+        >>> r.atlas_json.name
+        'atlas.json'
+    """
+    score, engine, precision = _check_options(
+        top, score, batch_size, workers, engine, precision, n_components, report_url
+    )
+    options = EngineOptions(workers, device, precision, gpus_per_worker, ray_address)
+    runner = create_engine(engine, options)  # a missing device or Ray fails here
+    paths = dataset_paths(data)
+    name = model.spec if isinstance(model, LoadedModel) else model
+    with output_lock(out_dir, f"featuremaps atlas {name}") as lock:
+        out = lock.parent
+        try:
+            return _build(
+                model,
+                paths,
+                layers,
+                out,
+                runner,
+                weights=weights,
+                top=top,
+                score=score,
+                batch_size=batch_size,
+                workers=workers,
+                checkpoint_seconds=checkpoint_seconds,
+                restart=restart,
+                n_components=n_components,
+                report_url=report_url,
+                progress=progress,
+            )
+        except OSError as exc:
+            raise FeatureMapsError(f"the atlas in {out}: {describe_os_error(exc)}") from exc
+
+
+def _build(
+    model: str | LoadedModel,
+    paths: list[str],
+    layers: str | Sequence[str],
+    out: Path,
+    runner: Engine,
+    *,
+    weights: str,
+    top: int,
+    score: Score,
+    batch_size: int,
+    workers: int,
+    checkpoint_seconds: float,
+    restart: bool,
+    n_components: int,
+    report_url: str | None,
+    progress: Progress | None,
+) -> AtlasResult:
+    """The run itself, under the output lock."""
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, weights)
+    loaded = replace(loaded, preprocess=fixed_size(loaded.preprocess))
+    spec, metas = probe(loaded, layers, score, top)
+    plan = Plan(tuple(paths), batch_size)
+    config = {
+        "model": loaded.spec,
+        "weights": loaded.weights,
+        "preprocess": loaded.preprocess.to_dict(),
+        "layers": list(spec.names),
+        "score": score,
+        "top": top,
+        "batch_size": batch_size,
+        "images": len(paths),
+        "paths_sha256": sha256("\n".join(paths).encode()).hexdigest(),
+    }
+    state_path = out / STATE_FILE
+    state = open_state(state_path, config, spec, restart)
+    pending = [j for j in range(plan.n_batches) if j not in state.done]
+    resumed = sum(len(plan.batch(j)[1]) for j in state.done)
+    start = last_save = time.monotonic()
+    seen = resumed
+    if progress:
+        progress("images", seen, len(paths))
+    for result in runner.run(plan, pending, loaded, spec):
+        state.fold(result)
+        for i, msg in result.bad:
+            warnings.warn(f"skipped {paths[i]}: {msg}", SkippedImageWarning, stacklevel=3)
+        seen += len(plan.batch(result.index)[1])
+        if time.monotonic() - last_save >= checkpoint_seconds:
+            state.save(state_path)
+            last_save = time.monotonic()
+        if progress:
+            progress("images", seen, len(paths))
+    seconds = time.monotonic() - start
+    state.save(state_path)
+    if state.n_images == 0:
+        reasons = sorted({m for _, m in state.skipped})[:3]
+        raise ImageError(
+            f"none of the {len(paths)} images of the dataset could be used (for example: "
+            f"{'; '.join(reasons)}); check the paths and files, then run again"
+        )
+    doc = atlas_document(state, plan, loaded, spec, metas)
+    atlas_json, basis, pages = write_outputs(
+        out, doc, state, loaded, spec, metas, n_components, report_url, workers, progress
+    )
+    done_now = seen - resumed
+    return AtlasResult(
+        out_dir=out,
+        atlas_json=atlas_json,
+        pca_basis=basis,
+        pages=pages,
+        images_total=len(paths),
+        images_used=state.n_images,
+        skipped=[(paths[i], m) for i, m in sorted(state.skipped)],
+        resumed=resumed,
+        seconds=seconds,
+        images_per_second=done_now / seconds if seconds > 0 else 0.0,
+    )
+
+
+def _check_options(
+    top: int,
+    score: Score | str,
+    batch_size: int,
+    workers: int,
+    engine: EngineName | str,
+    precision: Precision | str,
+    n_components: int,
+    report_url: str | None,
+) -> tuple[Score, EngineName, Precision]:
+    """The typed choices; every check raises before any model is loaded."""
+    check_range(top, "--top", 1)
+    check_range(batch_size, "--batch-size", 1)
+    check_range(workers, "--workers", 0)
+    check_range(n_components, "n_components", 1)
+    typed = (
+        parse_choice(Score, score, "--score"),
+        parse_choice(EngineName, engine, "--engine"),
+        parse_choice(Precision, precision, "--precision"),
+    )
+    if report_url is not None:
+        try:
+            report_url.format(layer="layer", channel=0)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise OptionError(
+                f"--report-url {report_url!r}: a template with {{layer}} and {{channel}} "
+                f"only ({exc!r})"
+            ) from None
+    return typed

@@ -1,0 +1,47 @@
+"""The local engine: decoding in DataLoader worker processes, the forward in this process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from ...models import LoadedModel
+from ...pipeline import resolve_device
+from ..batch import AtlasSpec, BatchResult, process_batch
+from ..data import Plan, batch_loader
+from .base import EngineCapabilities, EngineOptions
+
+
+class LocalEngine:
+    """Batches decoded by ``workers`` processes, run on ``device`` in the driver.
+
+    The model is moved to the device for the run and back to where it was afterwards.
+    """
+
+    capabilities = EngineCapabilities(
+        name="local",
+        devices=("cpu", "cuda", "mps"),
+        multi_node=False,
+        remote_reads=False,
+        gpu_workers=False,
+    )
+
+    def __init__(self, options: EngineOptions) -> None:
+        self.options = options
+        self.device = resolve_device(options.device)  # raises for a missing device
+
+    def run(
+        self, plan: Plan, pending: Sequence[int], loaded: LoadedModel, spec: AtlasSpec
+    ) -> Iterator[BatchResult]:
+        if not pending:
+            return
+        module = loaded.module
+        home = next(iter(module.parameters()), torch.empty(0)).device
+        module.to(self.device)
+        try:
+            loader = batch_loader(plan, pending, loaded.preprocess, self.options.workers)
+            for batch in loader:
+                yield process_batch(module, batch, spec, self.device, self.options.precision)
+        finally:
+            module.to(home)

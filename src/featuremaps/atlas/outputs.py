@@ -1,0 +1,315 @@
+"""What an atlas writes: ``atlas.json``, ``pca_basis.npz``, ``crops/`` and the HTML pages.
+
+Only the driver writes, after the last batch is folded. ``atlas.json`` comes last: its
+presence says the outputs are complete. The pages are filled from the packaged
+templates ``templates/atlas_*.html`` with every user-given text escaped.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+from PIL import Image
+
+from .._files import write_bytes, write_json
+from ..images import display_image
+from ..models import LoadedModel, Preprocess
+from ..reduce import save_bases
+from ..report import asset, fill_template
+from .batch import NO_IMAGE, AtlasSpec, LayerMeta
+from .data import Plan, batch_loader
+from .state import AtlasState
+
+CROP_FACTOR = 2.0
+MIN_CROP = 16
+"""A crop is ``CROP_FACTOR * stride`` (at least ``MIN_CROP``) input pixels on each side,
+centred on the map cell, clipped to the image."""
+
+
+def crop_box(
+    y: int, x: int, stride: tuple[float, float], size: tuple[int, int], factor: float = CROP_FACTOR
+) -> tuple[int, int, int, int]:
+    """The input region ``(top, left, bottom, right)`` that feeds map cell ``(y, x)``.
+
+    An approximation of the receptive field: a square of ``factor * stride`` input pixels
+    (at least ``MIN_CROP``) centred on the cell's centre ``((y + 0.5) * stride_y,
+    (x + 0.5) * stride_x)``, clipped to the image of ``size = (H, W)``.
+    """
+    sy, sx = stride
+    cy, cx = (y + 0.5) * sy, (x + 0.5) * sx
+    hy, hx = max(factor * sy, MIN_CROP) / 2, max(factor * sx, MIN_CROP) / 2
+    top, left = max(0, math.floor(cy - hy)), max(0, math.floor(cx - hx))
+    bottom, right = min(size[0], math.ceil(cy + hy)), min(size[1], math.ceil(cx + hx))
+    return top, left, max(bottom, top + 1), max(right, left + 1)
+
+
+def _f32(value: float) -> float:
+    """The shortest decimal that reads back as the same float32."""
+    v = np.float32(value)
+    short = float(str(v))
+    return short if np.float32(short) == v else float(v)
+
+
+def layer_slugs(names: Sequence[str]) -> list[str]:
+    """A distinct file name per layer (its page and its crop folder)."""
+    slugs: list[str] = []
+    for name in names:
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip(".") or "_"
+        slug, n = base, 1
+        while slug in slugs or slug in ("index", "crops"):
+            n += 1
+            slug = f"{base}-{n}"
+        slugs.append(slug)
+    return slugs
+
+
+def atlas_document(
+    state: AtlasState,
+    plan: Plan,
+    loaded: LoadedModel,
+    spec: AtlasSpec,
+    metas: Sequence[LayerMeta],
+) -> dict[str, Any]:
+    """The content of ``atlas.json``: a function of the dataset and the options only."""
+    paths = plan.paths
+    layers_json: dict[str, Any] = {}
+    for name, slug, part, meta in zip(
+        spec.names, layer_slugs(spec.names), state.layers, metas, strict=True
+    ):
+        pixels = state.n_images * meta.shape[1] * meta.shape[2]
+        channels = []
+        for c in range(meta.shape[0]):
+            entries = []
+            for rank in range(part.scores.shape[1]):
+                i = int(part.ids[c, rank])
+                if i == NO_IMAGE:
+                    break
+                entries.append(
+                    {
+                        "image": paths[i],
+                        "score": _f32(part.scores[c, rank]),
+                        "y": int(part.ys[c, rank]),
+                        "x": int(part.xs[c, rank]),
+                        "crop": f"crops/{slug}/c{c:04d}_{rank}.jpg",
+                    }
+                )
+            channels.append(
+                {
+                    "channel": c,
+                    "mean": _f32(part.total[c] / pixels) if pixels else None,
+                    "dead": int(part.dead[c]),
+                    "dead_share": float(part.dead[c] / state.n_images) if state.n_images else None,
+                    "top": entries,
+                }
+            )
+        layers_json[name] = {
+            "shape": list(meta.shape),
+            "stride": list(meta.stride),
+            "page": f"{slug}.html",
+            "channels": channels,
+        }
+    return {
+        "model": loaded.spec,
+        "weights": loaded.weights,
+        "preprocess": loaded.preprocess.to_dict(),
+        "score": spec.score,
+        "top": spec.top,
+        "batch_size": plan.batch_size,
+        "crop_rule": f"{CROP_FACTOR:g} x stride (at least {MIN_CROP} pixels) around the "
+        "centre of the map cell, clipped to the input",
+        "images": {"total": len(paths), "used": state.n_images, "skipped": len(state.skipped)},
+        "skipped": [{"image": paths[i], "error": m} for i, m in sorted(state.skipped)],
+        "pca_basis": "pca_basis.npz" if state.n_images else None,
+        "layers": layers_json,
+    }
+
+
+def write_outputs(
+    out: Path,
+    doc: dict[str, Any],
+    state: AtlasState,
+    loaded: LoadedModel,
+    spec: AtlasSpec,
+    metas: Sequence[LayerMeta],
+    n_components: int,
+    report_url: str | None,
+    workers: int,
+    progress: Any = None,
+) -> tuple[Path, Path | None, list[Path]]:
+    """Write the basis, the crops, the pages and, last, ``atlas.json``."""
+    basis_path = None
+    if state.n_images:
+        basis_path = out / "pca_basis.npz"
+        fitted = [p.pca.fit(n_components) for p in state.layers]
+        save_bases(dict(zip(spec.names, fitted, strict=True)), basis_path)
+    slugs = layer_slugs(spec.names)
+    write_crops(out, doc, loaded.preprocess, metas, spec, slugs, workers, progress)
+    pages = write_pages(out, doc, report_url)
+    atlas_json = out / "atlas.json"
+    write_json(atlas_json, doc)  # last: its presence says the outputs are complete
+    return atlas_json, basis_path, pages
+
+
+def write_crops(
+    out: Path,
+    doc: dict[str, Any],
+    pp: Preprocess,
+    metas: Sequence[LayerMeta],
+    spec: AtlasSpec,
+    slugs: Sequence[str],
+    workers: int,
+    progress: Any = None,
+) -> None:
+    """Decode each image that made a top list once and cut all its crops.
+
+    Each layer's crops go to a fresh folder of a unique name that then replaces
+    ``crops/LAYER``: creating files is cheap, while overwriting thousands of them (in
+    place or by renames) makes ext4 flush each one and costs seconds. Folders left by a
+    killed run (``.LAYER.*.new``/``.old``) are removed first; the caller holds the
+    output lock, so no other run is writing them.
+    """
+    wanted: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for li, name in enumerate(spec.names):
+        for ch in doc["layers"][name]["channels"]:
+            for entry in ch["top"]:
+                wanted.setdefault(entry["image"], []).append((li, entry))
+    images = sorted(wanted)
+    crops = out / "crops"
+    crops.mkdir(parents=True, exist_ok=True)
+    for slug in slugs:
+        for stale in [*crops.glob(f".{slug}.*.new"), *crops.glob(f".{slug}.*.old")]:
+            shutil.rmtree(stale, ignore_errors=True)
+    fresh = [Path(tempfile.mkdtemp(prefix=f".{slug}.", suffix=".new", dir=crops)) for slug in slugs]
+    try:
+        plan = Plan(tuple(images), 1)
+        for n, batch in enumerate(batch_loader(plan, range(len(images)), pp, workers), 1):
+            if len(batch.ids) == 1:
+                picture = display_image(batch.x[0], pp)
+                size = (picture.shape[0], picture.shape[1])
+                for li, entry in wanted[images[batch.index]]:
+                    t, left, b, r = crop_box(entry["y"], entry["x"], metas[li].stride, size)
+                    crop = Image.fromarray(np.ascontiguousarray(picture[t:b, left:r]))
+                    crop.save(fresh[li] / Path(entry["crop"]).name, format="JPEG", quality=92)
+            if progress:
+                progress("crops", n, len(images))
+        for folder, slug in zip(fresh, slugs, strict=True):
+            _swap_in(folder, crops / slug)
+    finally:
+        for folder in fresh:
+            shutil.rmtree(folder, ignore_errors=True)  # only what was not swapped in
+
+
+def _swap_in(folder: Path, final: Path) -> None:
+    """Replace ``final`` by ``folder``; the old content goes aside, then away."""
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+        final.rename(old / final.name)
+    folder.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _css() -> str:
+    return asset("static/common.css") + asset("static/atlas.css")
+
+
+def write_pages(out: Path, doc: dict[str, Any], report_url: str | None) -> list[Path]:
+    """``index.html`` and one page per layer: each channel with its top crops."""
+    from .. import __version__
+
+    esc = html.escape
+    css = _css()
+    common = {
+        "version": esc(__version__),
+        "model": esc(doc["model"]),
+        "weights": esc(doc["weights"]),
+        "used": str(doc["images"]["used"]),
+        "css": css,
+    }
+    channel_t = asset("templates/atlas_channel.html")
+    crop_t = asset("templates/atlas_crop.html")
+    layer_t = asset("templates/atlas_layer.html")
+    item_t = asset("templates/atlas_index_layer.html")
+    items = []
+    pages: list[Path] = []
+    for name, layer in doc["layers"].items():
+        items.append(
+            fill_template(
+                item_t,
+                {
+                    "page": esc(quote(layer["page"])),
+                    "name": esc(name),
+                    "channels": str(layer["shape"][0]),
+                    "shape": esc("x".join(map(str, layer["shape"]))),
+                },
+            )
+        )
+        cells = [_channel_cell(ch, name, report_url, channel_t, crop_t) for ch in layer["channels"]]
+        page_html = fill_template(
+            layer_t,
+            {
+                **common,
+                "name": esc(name),
+                "top": str(doc["top"]),
+                "score": esc(doc["score"]),
+                "crop_rule": esc(doc["crop_rule"]),
+                "cols": str(math.ceil(math.sqrt(doc["top"]))),
+                "channels": "".join(cells),
+            },
+        )
+        page = out / layer["page"]
+        write_bytes(page, page_html.encode())
+        pages.append(page)
+    skipped = doc["images"]["skipped"]
+    index_html = fill_template(
+        asset("templates/atlas_index.html"),
+        {**common, "skipped": f", {skipped} skipped" if skipped else "", "layers": "".join(items)},
+    )
+    index_path = out / "index.html"
+    write_bytes(index_path, index_html.encode())
+    return [index_path, *pages]
+
+
+def _channel_cell(
+    ch: dict[str, Any], layer: str, report_url: str | None, channel_t: str, crop_t: str
+) -> str:
+    esc = html.escape
+    c = ch["channel"]
+    link = report_url.format(layer=quote(layer), channel=c) if report_url else f"#c{c}"
+    crops = "".join(
+        fill_template(
+            crop_t,
+            {
+                "src": esc(quote(e["crop"])),
+                "image": esc(e["image"]),
+                "score": f"{e['score']:.4g}",
+                "y": str(e["y"]),
+                "x": str(e["x"]),
+            },
+        )
+        for e in ch["top"]
+    )
+    if ch["mean"] is None:
+        stats = "no image"
+    else:
+        stats = f"mean {ch['mean']:.3g} · dead {ch['dead_share']:.0%}"
+    return fill_template(
+        channel_t,
+        {
+            "dead": " dead" if ch["dead_share"] == 1 else "",
+            "channel": str(c),
+            "link": esc(link),
+            "stats": esc(stats),
+            "crops": crops,
+        },
+    )
