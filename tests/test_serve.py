@@ -24,7 +24,7 @@ from featuremaps.reduce import apply_scaling, compute_scaling, select_channels
 from featuremaps.render import colorize, upsample
 from featuremaps.serve import LRU, create_app
 
-BASE = "http://127.0.0.1"
+BASE = "http://127.0.0.1:8000"
 LIMIT = 300_000
 
 

@@ -1,0 +1,178 @@
+"""Captures run as background jobs whose progress the page polls.
+
+A job moves ``queued -> running -> done`` (or ``error``); its status is a
+:class:`JobStatus`, never a bare string. One worker thread runs the jobs in order, and
+a second request for a capture that is queued or running gets the same job.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import torch
+from PIL import Image
+
+from ..capture import capture, list_layers, resolve_layers
+from ..errors import FeatureMapsError, LayerError
+from ..images import display_image, preprocess
+from ..pipeline import top_predictions
+from .config import ModelCatalog
+from .errors import ApiError
+from .stores import CaptureEntry, CaptureStore, ImageStore, ModelStore, capture_key
+
+log = logging.getLogger("featuremaps.serve")
+_JOBS_KEPT = 200
+
+
+class JobStatus(StrEnum):
+    """Where a job is."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    ERROR = "error"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.DONE, JobStatus.ERROR)
+
+
+@dataclass
+class Job:
+    """A capture running in the background."""
+
+    id: str
+    capture_id: str
+    status: JobStatus = JobStatus.QUEUED
+    phase: str = "waiting for the previous capture"
+    step: int = 0
+    steps: int = 4
+    message: str = ""
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+
+    def advance(self, phase: str, step: int) -> None:
+        self.status, self.phase, self.step = JobStatus.RUNNING, phase, step
+
+    def finish(self, phase: str = "done") -> None:
+        self.status, self.phase, self.step = JobStatus.DONE, phase, self.steps
+        self.finished = time.monotonic()
+
+    def fail(self, message: str) -> None:
+        self.status, self.message = JobStatus.ERROR, message
+        self.finished = time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        end = self.finished if self.finished is not None else time.monotonic()
+        return round(end - self.started, 2)
+
+
+class CaptureJobs:
+    """Starts captures as jobs and keeps the last 200 jobs for polling."""
+
+    def __init__(
+        self, catalog: ModelCatalog, images: ImageStore, models: ModelStore, captures: CaptureStore
+    ) -> None:
+        self.catalog = catalog
+        self.images = images
+        self.models = models
+        self.captures = captures
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featuremaps-job")
+
+    def start(self, spec: str, weights: str, image_id: str) -> Job:
+        """Queue a capture (or return the finished or running one for the same input).
+
+        Raises:
+            ApiError: a refused spec (400/403) or an unknown image (404).
+        """
+        spec, weights = self.catalog.check(spec, weights)
+        img = self.images.get(image_id)
+        cid = capture_key(spec, weights, image_id)
+        with self._lock:
+            for job in self._jobs.values():
+                if job.capture_id == cid and not job.status.finished:
+                    return job
+            job = Job(uuid.uuid4().hex[:16], cid)
+            self._jobs[job.id] = job
+            while len(self._jobs) > _JOBS_KEPT:
+                self._jobs.popitem(last=False)
+        if cid in self.captures:
+            job.finish("cached")
+            return job
+        self._executor.submit(self._run, job, spec, weights, image_id, img)
+        return job
+
+    def get(self, job_id: str) -> Job:
+        """A job by id.
+
+        Raises:
+            ApiError: 404 for an unknown (or long forgotten) job.
+        """
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, f"no job {job_id!r}")
+        return job
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self, job: Job, spec: str, weights: str, image_id: str, img: Image.Image) -> None:
+        try:
+            self.captures.put(self._capture(job, spec, weights, image_id, img))
+            job.finish()
+        except FeatureMapsError as exc:
+            job.fail(str(exc))
+        except Exception as exc:
+            log.exception("capture failed")
+            job.fail(f"unexpected error: {exc.__class__.__name__}: {exc}")
+
+    def _capture(
+        self, job: Job, spec: str, weights: str, image_id: str, img: Image.Image
+    ) -> CaptureEntry:
+        job.advance("loading the model", 1)
+        loaded = self.models.get(spec, weights)
+        job.advance("preprocessing the image", 2)
+        x = preprocess(img, loaded.preprocess)[None].to(self.models.device)
+        with self.models.compute:
+            job.advance("listing the layers (one forward pass)", 3)
+            probe = list_layers(loaded.module, x)
+            spatial = [i for i in probe if i.shape is not None]
+            if not spatial:
+                raise LayerError(f"{spec} has no layer with a spatial (B, C, H, W) output")
+            try:
+                stages = resolve_layers(loaded.module, "stages", probe)
+            except LayerError:
+                stages = [spatial[-1].name]
+            job.advance("capturing the stages", 4)
+            predict = loaded.is_imagenet_classifier and loaded.pretrained
+            fm = capture(loaded.module, x, stages, full_forward=predict)
+        preds = None
+        if predict and isinstance(fm.output, torch.Tensor) and fm.output.ndim == 2:
+            preds = top_predictions(fm.output[0], loaded.categories or [])
+        return CaptureEntry(
+            id=job.capture_id,
+            spec=spec,
+            weights=weights,
+            image_id=image_id,
+            weights_desc=loaded.weights,
+            pretrained=loaded.pretrained,
+            preprocess=loaded.preprocess.describe(),
+            x=x.cpu(),
+            display=display_image(x[0].cpu(), loaded.preprocess),
+            layers=spatial,
+            stages=stages,
+            predictions=preds,
+            classifier=loaded.is_imagenet_classifier,
+            maps={name: fm[name][0] for name in fm},
+        )

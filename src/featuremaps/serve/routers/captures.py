@@ -1,0 +1,122 @@
+"""Captures and their jobs: start, poll, summary, input picture, layer and channel numbers."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import Response
+from PIL import Image
+
+from ...options import Norm
+from ...pipeline import predictions_note
+from ...reduce import compute_scaling
+from ..deps import Entry, LayerName, State
+from ..pictures import channel_map, png, png_response, ticks
+from ..schemas import (
+    CaptureOut,
+    CaptureRequest,
+    ChannelOut,
+    JobOut,
+    LayerOut,
+    LayerRow,
+    floats,
+    job_out,
+)
+
+router = APIRouter(prefix="/api")
+
+
+@router.post("/captures")
+def start(req: CaptureRequest, state: State, response: Response) -> JobOut:
+    """Queue a capture: 202 while it runs, 200 when it is cached already."""
+    job = state.jobs.start(req.model, req.weights, req.image_id)
+    response.status_code = 200 if job.status.finished else 202
+    return job_out(job)
+
+
+@router.get("/jobs/{job_id}")
+def job(job_id: str, state: State) -> JobOut:
+    return job_out(state.jobs.get(job_id))
+
+
+@router.get("/captures/{capture_id}")
+def summary(e: Entry) -> CaptureOut:
+    stages = set(e.stages)
+    note = None if e.predictions is not None else predictions_note(e.classifier, e.pretrained)
+    return CaptureOut(
+        capture_id=e.id,
+        model=e.spec,
+        weights=e.weights_desc,
+        preprocess=e.preprocess,
+        input_size=[int(e.display.shape[0]), int(e.display.shape[1])],
+        predictions=e.predictions,
+        predictions_note=note,
+        stages=e.stages,
+        layers=[
+            LayerRow(
+                name=i.name,
+                type=i.module_type,
+                shape=list(i.shape or ()),
+                stride=list(i.stride) if i.stride else None,
+                stage=i.name in stages,
+                captured=i.name in e.maps,
+            )
+            for i in e.layers
+        ],
+    )
+
+
+@router.get("/captures/{capture_id}/input.png")
+def input_png(e: Entry) -> Response:
+    return png_response(png(Image.fromarray(e.display)))
+
+
+@router.get("/captures/{capture_id}/layer")
+def layer_info(e: Entry, state: State, layer: LayerName) -> LayerOut:
+    t = state.captures.layer_map(e, layer)
+    stats = state.captures.layer_stats(e, layer)
+    info = e.layer_info(layer)
+    dead = stats["dead"]
+    return LayerOut(
+        name=layer,
+        type=info.module_type,
+        shape=list(t.shape),
+        stride=list(info.stride) if info.stride else None,
+        channels=int(t.shape[0]),
+        dead_count=int(dead.sum()),
+        dead_share=float(dead.mean()),
+        layer_min=float(stats["min"].min()),
+        layer_mean=float(stats["mean"].mean()),
+        layer_max=float(stats["max"].max()),
+        min=floats(stats["min"]),
+        mean=floats(stats["mean"]),
+        max=floats(stats["max"]),
+        dead=[bool(v) for v in dead],
+    )
+
+
+@router.get("/captures/{capture_id}/channel")
+def channel_info(
+    e: Entry,
+    state: State,
+    layer: LayerName,
+    channel: Annotated[int, Query(ge=0)],
+    norm: Norm = Norm.LINEAR,
+) -> ChannelOut:
+    m = channel_map(state.captures.layer_map(e, layer), channel)
+    s = compute_scaling(m, norm, per_channel=True)
+    stats = state.captures.layer_stats(e, layer)
+    return ChannelOut(
+        layer=layer,
+        channel=channel,
+        shape=list(m.shape[1:]),
+        min=float(stats["min"][channel]),
+        mean=float(stats["mean"][channel]),
+        max=float(stats["max"][channel]),
+        dead=bool(stats["dead"][channel]),
+        norm=s.norm,
+        vmin=float(s.vmin[0]),
+        vmax=float(s.vmax[0]),
+        ticks=ticks(s),
+    )

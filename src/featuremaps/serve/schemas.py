@@ -1,0 +1,157 @@
+"""The viewer's API in and out: pydantic models of every JSON body.
+
+FastAPI validates requests against these and serializes responses through them, so the
+JSON the page reads is written down once, here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from .jobs import Job, JobStatus
+
+Floats = list[float | None]
+"""Numbers rounded to 6 significant digits; None where not finite."""
+
+
+class CaptureRequest(BaseModel):
+    """Body of ``POST /api/captures``."""
+
+    model: str = Field(min_length=1, max_length=300)
+    weights: str = Field(default="DEFAULT", max_length=20)
+    image_id: str = Field(min_length=1, max_length=64)
+
+
+class ImageOut(BaseModel):
+    """An image the server keeps, by content hash."""
+
+    image_id: str
+    width: int
+    height: int
+
+
+class JobOut(BaseModel):
+    """A capture job's progress."""
+
+    job_id: str
+    capture_id: str
+    status: JobStatus
+    phase: str
+    step: int
+    steps: int
+    message: str
+    elapsed: float
+
+
+class ModelOut(BaseModel):
+    name: str
+    pretrained: bool
+
+
+class ConfigOut(BaseModel):
+    """What the page offers: models, samples and the values of each view option."""
+
+    models: list[ModelOut]
+    default_model: str
+    samples: list[str]
+    cmaps: list[str]
+    norms: list[str]
+    orders: list[str]
+    scales: list[str]
+    allow_code_models: bool
+    max_upload_bytes: int
+
+
+class LayerRow(BaseModel):
+    """One layer in a capture's listing."""
+
+    name: str
+    type: str
+    shape: list[int]
+    stride: list[float] | None
+    stage: bool
+    captured: bool
+
+
+class CaptureOut(BaseModel):
+    """A capture: the model, its input, predictions and layers."""
+
+    capture_id: str
+    model: str
+    weights: str
+    preprocess: str
+    input_size: list[int]
+    predictions: list[dict[str, Any]] | None
+    predictions_note: str | None
+    stages: list[str]
+    layers: list[LayerRow]
+
+
+class LayerOut(BaseModel):
+    """Per-channel statistics of one layer."""
+
+    name: str
+    type: str
+    shape: list[int]
+    stride: list[float] | None
+    channels: int
+    dead_count: int
+    dead_share: float
+    layer_min: float
+    layer_mean: float
+    layer_max: float
+    min: Floats
+    mean: Floats
+    max: Floats
+    dead: list[bool]
+
+
+class ChannelOut(BaseModel):
+    """One channel: its statistics and the colour scale of its picture."""
+
+    layer: str
+    channel: int
+    shape: list[int]
+    min: float
+    mean: float
+    max: float
+    dead: bool
+    norm: str
+    vmin: float
+    vmax: float
+    ticks: list[float]
+
+
+class GridMeta(BaseModel):
+    """The ``X-Featuremaps-Grid`` header of a grid picture: where each channel is."""
+
+    layer: str
+    channels: list[int]
+    boxes: list[list[int]]
+    width: int
+    height: int
+    factor: int
+    vmin: Floats
+    vmax: Floats
+
+
+def floats(values: Any) -> Floats:
+    """JSON numbers of an array: 6 significant digits, None where not finite."""
+    import numpy as np
+
+    return [float(f"{v:.6g}") if np.isfinite(v) else None for v in np.asarray(values, np.float64)]
+
+
+def job_out(job: Job) -> JobOut:
+    return JobOut(
+        job_id=job.id,
+        capture_id=job.capture_id,
+        status=job.status,
+        phase=job.phase,
+        step=job.step,
+        steps=job.steps,
+        message=job.message,
+        elapsed=job.elapsed,
+    )
