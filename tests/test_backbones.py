@@ -15,7 +15,7 @@ from torch import nn
 from conftest import FailingNet, hooks_left
 from featuremaps.capture import PRESETS, Capture, LayoutContext, capture, list_layers
 from featuremaps.errors import LayerError, ModelError, WeightsUnavailableError
-from featuremaps.layout import model_tokens
+from featuremaps.capture.layout import model_tokens
 
 
 @pytest.fixture
@@ -674,7 +674,7 @@ def test_cli_run_vit_b_16_block(tmp_path: Path, photo: Path) -> None:
 
 def test_token_root_follows_an_edited_model() -> None:
     """The token root found for a model is looked for again once the model changes."""
-    from featuremaps.layout import _token_root
+    from featuremaps.capture.layout import _token_root
 
     class PatchModel(nn.Module):
         def __init__(self) -> None:

@@ -172,7 +172,9 @@ def test_non_spatial_output_is_a_clear_error(toy: ToyNet, x_small: torch.Tensor)
         capture(toy, x_small, "fc", full_forward=True)
 
 
-def test_module_called_twice_keeps_first_output() -> None:
+def test_module_called_twice_gives_every_call() -> None:
+    """Issue 9: a module that runs twice was captured once, silently; now every call."""
+
     class Twice(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -184,7 +186,9 @@ def test_module_called_twice_keeps_first_output() -> None:
     net = Twice()
     x = torch.randn(1, 3, 5, 5)
     fm = capture(net, x, "conv", full_forward=True)
-    assert torch.equal(fm["conv"], net.conv(x))
+    assert list(fm) == ["conv:1", "conv:2"]
+    assert torch.equal(fm["conv:1"], net.conv(x))
+    assert torch.equal(fm["conv:2"], net.conv(net.conv(x)))
 
 
 def test_bad_input_shape(toy: ToyNet) -> None:

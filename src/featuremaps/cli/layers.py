@@ -51,7 +51,7 @@ def layers(
     table.add_column("map (B,C,H,W)")
     table.add_column("note")
     rank = _module_order(loaded.module)
-    for info in sorted(infos, key=lambda i: rank.get(i.name.split("[")[0], 1 << 30)):
+    for info in sorted(infos, key=lambda i: rank.get(i.key.module, 1 << 30)):
         raw = "x".join(map(str, info.raw_shape)) if info.raw_shape else "-"
         shape = "x".join(map(str, info.shape)) if info.shape else "-"
         layout = "" if info.layout in ("NCHW", "not spatial") else info.layout

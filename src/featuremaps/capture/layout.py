@@ -4,7 +4,7 @@ Vision Transformers return tokens ``(B, N, C)``; Swin and timm NHWC stages retur
 ``(B, H, W, C)``; detection backbones return dicts of pyramid levels. The functions here
 turn each into maps, reading the patch grid and the prefix tokens (class, distillation,
 registers) from the model and deciding channels-last from the modules that ran, and say
-what they did in :attr:`LayerInfo.layout`.
+what they did in :attr:`LayerInfo.form`, a :class:`Layout` record.
 """
 
 from __future__ import annotations
@@ -12,44 +12,115 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import ModelError
+from ..errors import ModelError
+from .hooks import Hooks
+from .keys import Entry, LayerKey, OutputKey, entry_text
+
+
+class LayoutKind(StrEnum):
+    """How a module's output is laid out before it becomes ``(B, C, H, W)``."""
+
+    NCHW = "NCHW"
+    NHWC = "NHWC"
+    TOKENS = "tokens"
+    NOT_SPATIAL = "not spatial"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What was done to one output to reach ``(B, C, H, W)``, and why.
+
+    Attributes:
+        kind: the output's layout.
+        reason: why that layout (channels-last, token sources), or why there is no map.
+        prefix: tokens dropped in front of the patches (``TOKENS`` only).
+        grid: the patch grid ``(h, w)`` (``TOKENS`` only).
+        hint: what a user can do about an output that is not a map.
+    """
+
+    kind: LayoutKind
+    reason: str = ""
+    prefix: int | None = None
+    grid: tuple[int, int] | None = None
+    hint: str = ""
+
+    @property
+    def spatial(self) -> bool:
+        return self.kind is not LayoutKind.NOT_SPATIAL
+
+    @property
+    def label(self) -> str:
+        """``NCHW``, ``NHWC->NCHW``, ``tokens(prefix=1, grid=14x14)->NCHW`` or ``not spatial``."""
+        if self.kind is LayoutKind.NHWC:
+            return "NHWC->NCHW"
+        if self.kind is LayoutKind.TOKENS:
+            gh, gw = self.grid or (0, 0)
+            return f"tokens(prefix={self.prefix}, grid={gh}x{gw})->NCHW"
+        return str(self.kind.value)
+
+
+_PLAIN = Layout(LayoutKind.NCHW)
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """What one layer produced.
+    """What one output of one layer produced.
 
     Attributes:
-        name: the name as in ``model.named_modules()`` (``name[key]`` for one entry of a
-            dict/tuple output).
+        key: module name (as the user gave it), call and entry; ``name`` is its text.
         module_type: class name of the module.
         raw_shape: shape of the tensor the module returned.
         shape: shape after layout normalization, ``(B, C, H, W)``; ``None`` if the output
             is not a spatial map.
         stride: input height / map height and input width / map width.
-        layout: what was done to reach ``(B, C, H, W)``: ``"NCHW"`` (nothing),
-            ``"NHWC->NCHW"`` (channels-last, permuted), ``"tokens(prefix=5,
-            grid=37x37)->NCHW"`` (prefix tokens dropped, patches laid on the grid) or
-            ``"not spatial"``.
-        note: anything else worth telling: why that layout, which entry of a
-            dict/tuple output, or why there is no map.
+        form: the :class:`Layout` record: what was done to reach ``(B, C, H, W)``.
+        container: type name of a dict/tuple/list output this entry comes from.
+        calls: how many times the module ran in the forward (``None``: not known, the
+            forward stopped before its end).
+        remark: anything else: why nothing was captured (``did not run``).
     """
 
-    name: str
+    key: LayerKey
     module_type: str
     raw_shape: tuple[int, ...] | None
     shape: tuple[int, ...] | None = None
     stride: tuple[float, float] | None = None
-    layout: str = "NCHW"
-    note: str = ""
+    form: Layout = _PLAIN
+    container: str = ""
+    calls: int | None = 1
+    remark: str = ""
+
+    @property
+    def name(self) -> str:
+        """The name as ``--layers`` takes it: ``layer``, ``layer:2``, ``layer[key]``."""
+        return str(self.key)
+
+    @property
+    def layout(self) -> str:
+        """The layout in words: ``NCHW``, ``NHWC->NCHW``, ``tokens(...)->NCHW``, ``not spatial``."""
+        return self.form.label
+
+    @property
+    def note(self) -> str:
+        """Which call and entry this is, why this layout, or why there is no map."""
+        parts = []
+        if self.key.call is not None:
+            parts.append(f"call {self.key.call} of {self.calls if self.calls else '?'}")
+        elif self.calls is not None and self.calls > 1:
+            parts.append(f"ran {self.calls} times")
+        if self.key.entry:
+            parts.append(f"entry {entry_text(self.key.entry)} of a {self.container} output")
+        parts.extend(p for p in (self.form.reason, self.remark) if p)
+        return "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "type": self.module_type,
             "raw_shape": list(self.raw_shape) if self.raw_shape else None,
@@ -58,12 +129,17 @@ class LayerInfo:
             "layout": self.layout,
             "note": self.note,
         }
+        if self.key.call is not None or (self.calls or 1) > 1:
+            out["module"] = self.key.module
+            out["call"] = self.key.call
+            out["calls"] = self.calls
+        return out
 
 
 # -- layout normalization ------------------------------------------------------------------
 
-NCHW = "NCHW"
-NHWC = "NHWC"
+NCHW = LayoutKind.NCHW
+NHWC = LayoutKind.NHWC
 
 
 @dataclass
@@ -81,8 +157,8 @@ class LayoutContext:
         prefix_tokens: tokens before the patches, overriding the model's.
         batch: the batch size; a token output whose first dimension differs is not a
             map (e.g. attention over windows).
-        layouts: channels-last decisions made while the forward ran, output name ->
-            ``(layout, reason)``; filled by capture and :func:`list_layers`.
+        layouts: channels-last decisions made while the forward ran, (module, call,
+            entry) -> :class:`Layout`; filled by capture and :func:`list_layers`.
     """
 
     input_hw: tuple[int, int]
@@ -90,21 +166,17 @@ class LayoutContext:
     tokens_grid: tuple[int, int] | None = None
     prefix_tokens: int | None = None
     batch: int | None = None
-    layouts: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False, compare=False)
+    layouts: dict[OutputKey, Layout] = field(default_factory=dict, repr=False, compare=False)
 
 
-def _entry_key(key: Any) -> str:
-    return f"[{key}]"
-
-
-def _tensors_of(output: Any, depth: int = 0) -> list[tuple[str, torch.Tensor]]:
+def _tensors_of(output: Any, depth: int = 0) -> list[tuple[Entry, torch.Tensor]]:
     """Entries of a (possibly nested) output that are tensors, with their keys.
 
-    A tensor has the key ``""``; entries of dicts, tuples and lists get ``"[key]"``
-    (the dict key or the position), nested ones ``"[a][b]"``.
+    A tensor has the entry ``()``; entries of dicts, tuples and lists get ``(key,)``
+    (the dict key or the position, as text), nested ones ``(a, b)``.
     """
     if isinstance(output, torch.Tensor):
-        return [("", output)]
+        return [((), output)]
     if depth > 3:
         return []
     items: list[tuple[Any, Any]] = []
@@ -112,10 +184,10 @@ def _tensors_of(output: Any, depth: int = 0) -> list[tuple[str, torch.Tensor]]:
         items = list(output.items())
     elif isinstance(output, (tuple, list)):
         items = list(enumerate(output))
-    found: list[tuple[str, torch.Tensor]] = []
+    found: list[tuple[Entry, torch.Tensor]] = []
     for key, value in items:
         for sub, t in _tensors_of(value, depth + 1):
-            found.append((_entry_key(key) + sub, t))
+            found.append(((str(key), *sub), t))
     return found
 
 
@@ -133,19 +205,19 @@ def _tensors_of(output: Any, depth: int = 0) -> list[tuple[str, torch.Tensor]]:
 # functional op and keeps a cube shape (C == H == W) is read in its input's layout.
 
 
-def _flip(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+def _flip(shape: tuple[int, ...], layout: LayoutKind) -> tuple[int, ...]:
     """The shape the same data would have in the other layout."""
     b, d1, d2, d3 = shape
     return (b, d3, d1, d2) if layout == NHWC else (b, d2, d3, d1)
 
 
-def _other(layout: str) -> str:
+def _other(layout: LayoutKind) -> LayoutKind:
     return NCHW if layout == NHWC else NHWC
 
 
-def _fmt_name(value: Any) -> str | None:
+def _fmt_name(value: Any) -> LayoutKind | None:
     text = str(getattr(value, "value", value)).upper()
-    return text if text in (NCHW, NHWC) else None
+    return LayoutKind(text) if text in (NCHW, NHWC) else None
 
 
 _LAST_DIM_NORMS: tuple[type[nn.Module], ...] = tuple(
@@ -153,30 +225,30 @@ _LAST_DIM_NORMS: tuple[type[nn.Module], ...] = tuple(
 )
 
 
-def _declared_layout(module: nn.Module, shape: tuple[int, ...]) -> tuple[str, str] | None:
+def _declared_layout(module: nn.Module, shape: tuple[int, ...]) -> Layout | None:
     """The layout a module's own type says its 4-D output has, with the reason."""
     tname = type(module).__name__
     dims = getattr(module, "dims", None)
     if tname == "Permute" and isinstance(dims, (list, tuple)) and len(dims) == 4:
         if list(dims) == [0, 2, 3, 1]:
-            return NHWC, f"{tname}({list(dims)}) makes it channels-last"
+            return Layout(NHWC, f"{tname}({list(dims)}) makes it channels-last")
         if list(dims) == [0, 3, 1, 2]:
-            return NCHW, f"{tname}({list(dims)}) makes it channels-first"
+            return Layout(NCHW, f"{tname}({list(dims)}) makes it channels-first")
     fmt = _fmt_name(getattr(module, "output_fmt", None))
     if fmt is not None and getattr(module, "flatten", False) is not True:
-        return fmt, f"timm {tname}.output_fmt is {fmt}"
+        return Layout(fmt, f"timm {tname}.output_fmt is {fmt.value}")
     if isinstance(module, nn.Linear):
-        return NHWC, "a Linear output (it acts on the last dim, the channels)"
+        return Layout(NHWC, "a Linear output (it acts on the last dim, the channels)")
     if isinstance(module, _LAST_DIM_NORMS) and "2d" not in tname.lower():
         normalized = tuple(getattr(module, "normalized_shape", ()) or ())
         if len(normalized) == 1 and normalized[0] == shape[-1]:
-            return NHWC, f"{tname} over the last dim (the channels)"
+            return Layout(NHWC, f"{tname} over the last dim (the channels)")
     if "2d" in tname:
-        return NCHW, ""
+        return _PLAIN
     return None
 
 
-def _shape_guess(shape: tuple[int, ...], input_hw: tuple[int, int]) -> tuple[str, str] | None:
+def _shape_guess(shape: tuple[int, ...], input_hw: tuple[int, int]) -> Layout | None:
     """Last resort: NHWC when only that reading matches the input's aspect ratio."""
     h0, w0 = input_hw
     if h0 <= 0 or w0 <= 0:
@@ -190,9 +262,10 @@ def _shape_guess(shape: tuple[int, ...], input_hw: tuple[int, int]) -> tuple[str
 
     if fits(shape[2], shape[3]) or not fits(shape[1], shape[2]):
         return None
-    return NHWC, (
+    return Layout(
+        NHWC,
         "guessed from the shape (nothing in the model said; only the channels-last "
-        "reading matches the input's aspect ratio)"
+        "reading matches the input's aspect ratio)",
     )
 
 
@@ -202,31 +275,33 @@ class _Frame:
 
     module: nn.Module | None
     in_shape: tuple[int, ...] | None
-    in_layout: str | None
-    last: tuple[tuple[int, ...], str] | None = None
+    in_layout: LayoutKind | None
+    last: tuple[tuple[int, ...], LayoutKind] | None = None
 
 
-class _LayoutTracker:
+class LayoutTracker:
     """Follows one forward pass and decides the layout of every 4-D module output.
 
+    Each call of a module gets its own decision, kept under (module name, call, entry).
     Its hooks must run before any hook that may stop the forward, so that a module's
     layout is decided before the stop: attach it first, or attach it late (from the
     model's own forward pre-hook, see :meth:`start`) with ``prepend=True``.
     """
 
     def __init__(self) -> None:
-        self.layouts: dict[str, tuple[str, str]] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.ran: set[str] = set()
+        self.layouts: dict[OutputKey, Layout] = {}
+        self.shapes: dict[OutputKey, tuple[int, ...]] = {}
+        self.calls: dict[str, int] = {}
+        """How many times each module (by its name in ``named_modules()``) returned."""
         self.input_hw = (0, 0)  # set by the model's pre-hook
         self._stack: list[_Frame] = []
-        self._known: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
-        self._recent: dict[tuple[int, ...], tuple[str, int]] = {}
+        self._known: dict[int, tuple[weakref.ref[torch.Tensor], LayoutKind]] = {}
+        self._recent: dict[tuple[int, ...], tuple[LayoutKind, int]] = {}
         self._step = 0
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def attach(
         self,
+        hooks: Hooks,
         model: nn.Module,
         named: Sequence[tuple[str, nn.Module]] | None = None,
         *,
@@ -235,19 +310,19 @@ class _LayoutTracker:
         """Hook every module of ``model`` (TorchScript modules are skipped).
 
         Args:
+            hooks: where to register (see :func:`featuremaps.capture.hooks.hooked`).
             model: the model.
             named: ``model.named_modules()``, when the caller has walked it already.
             prepend: run these hooks before the hooks already on each module.
         """
         if isinstance(model, torch.jit.ScriptModule):
             return
-        self._handles.append(model.register_forward_pre_hook(self._root_pre, prepend=prepend))
+        hooks.before(model, self._root_pre, prepend=prepend)
         for name, module in model.named_modules() if named is None else named:
             if isinstance(module, torch.jit.ScriptModule):
                 continue
-            self._handles.append(module.register_forward_pre_hook(self._pre, prepend=prepend))
-            post = self._post_for(name)
-            self._handles.append(module.register_forward_hook(post, prepend=prepend))
+            hooks.before(module, self._pre, prepend=prepend)
+            hooks.after(module, self._post_for(name), prepend=prepend)
 
     def start(self, model: nn.Module, args: Any) -> None:
         """What the model's pre-hooks do, for a tracker attached inside them.
@@ -257,25 +332,20 @@ class _LayoutTracker:
         self._root_pre(model, args)
         self._pre(model, args)
 
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _remember(self, t: torch.Tensor, layout: str) -> None:
+    def _remember(self, t: torch.Tensor, layout: LayoutKind) -> None:
         self._step += 1
         self._known[id(t)] = (weakref.ref(t), layout)
         self._recent[tuple(t.shape)] = (layout, self._step)
 
-    def _lookup(self, t: torch.Tensor) -> str | None:
+    def _lookup(self, t: torch.Tensor) -> LayoutKind | None:
         entry = self._known.get(id(t))
         if entry is not None and entry[0]() is t:
             return entry[1]
         return None
 
-    def _by_shape(self, shape: tuple[int, ...]) -> str | None:
+    def _by_shape(self, shape: tuple[int, ...]) -> LayoutKind | None:
         """The layout of the latest tensor of this shape or of its transpose."""
-        options: list[tuple[str, int]] = []
+        options: list[tuple[LayoutKind, int]] = []
         same = self._recent.get(shape)
         if same is not None:
             options.append(same)
@@ -317,45 +387,44 @@ class _LayoutTracker:
     def _post_for(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             frame = self._pop(module)
-            self.ran.add(name)
-            for key, t in _tensors_of(output):
+            call = self.calls[name] = self.calls.get(name, 0) + 1
+            for entry, t in _tensors_of(output):
                 if t.ndim != 4:
                     continue
                 decided = self._decide(module, t, frame)
-                if name + key not in self.layouts:
-                    self.layouts[name + key] = decided
-                    self.shapes[name + key] = tuple(t.shape)
-                self._remember(t, decided[0])
+                self.layouts[(name, call, entry)] = decided
+                self.shapes[(name, call, entry)] = tuple(t.shape)
+                self._remember(t, decided.kind)
                 if self._stack:
-                    self._stack[-1].last = (tuple(t.shape), decided[0])
+                    self._stack[-1].last = (tuple(t.shape), decided.kind)
 
         return hook
 
-    def _decide(self, module: nn.Module, t: torch.Tensor, frame: _Frame) -> tuple[str, str]:
+    def _decide(self, module: nn.Module, t: torch.Tensor, frame: _Frame) -> Layout:
         shape = tuple(t.shape)
         own = _declared_layout(module, shape)
         if own is not None:
             return own
         known = self._lookup(t)
         if known is not None:
-            return known, f"returns a tensor already seen as {known}"
+            return Layout(known, f"returns a tensor already seen as {known.value}")
         if frame.in_layout is not None and frame.in_shape == shape:
-            return frame.in_layout, f"same shape as its {frame.in_layout} input"
+            return Layout(frame.in_layout, f"same shape as its {frame.in_layout.value} input")
         if frame.last is not None:
-            last_shape, last_layout = frame.last
+            last_shape, last = frame.last
             if last_shape == shape:
-                return last_layout, f"as its last submodule ({last_layout})"
-            if _flip(last_shape, last_layout) == shape:
-                return _other(last_layout), f"its last submodule's {last_layout} output, permuted"
+                return Layout(last, f"as its last submodule ({last.value})")
+            if _flip(last_shape, last) == shape:
+                return Layout(_other(last), f"its last submodule's {last.value} output, permuted")
         recent = self._by_shape(shape)
         if recent is not None:
-            return recent, f"same shape as the latest {recent} tensor of the forward"
-        return _shape_guess(shape, self.input_hw) or (NCHW, "")
+            return Layout(recent, f"same shape as the latest {recent.value} tensor of the forward")
+        return _shape_guess(shape, self.input_hw) or _PLAIN
 
 
 @dataclass
-class _LayoutRecord:
-    """A tracker's decisions, kept to be reused by later forwards of the same model.
+class LayoutRecord:
+    """Trackers' decisions, kept to be reused by later forwards of the same model.
 
     Valid while the model has the same modules and the input the same shape, dtype and
     device: the forward then takes the same path and a tracker would decide the same way,
@@ -364,40 +433,50 @@ class _LayoutRecord:
     shape (a forward whose path depends on the data).
     """
 
-    layouts: dict[str, tuple[str, str]] = field(default_factory=dict)
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    layouts: dict[OutputKey, Layout] = field(default_factory=dict)
+    shapes: dict[OutputKey, tuple[int, ...]] = field(default_factory=dict)
     ran: set[str] = field(default_factory=set)
     """Modules whose output the trackers saw (a forward that stopped early saw fewer)."""
+    calls: dict[str, int] | None = None
+    """Calls of every module in a forward that ran to its end (absent: did not run)."""
 
-    def add(self, tracker: _LayoutTracker) -> None:
-        for name, decided in tracker.layouts.items():
-            if name not in self.layouts:
-                self.layouts[name] = decided
-                self.shapes[name] = tracker.shapes[name]
-        self.ran |= tracker.ran
+    def add(self, tracker: LayoutTracker, *, complete: bool) -> None:
+        """Keep a tracker's decisions; ``complete``: its forward ran to the end."""
+        for key, decided in tracker.layouts.items():
+            if key not in self.layouts:
+                self.layouts[key] = decided
+                self.shapes[key] = tracker.shapes[key]
+        self.ran |= set(tracker.calls)
+        if complete:
+            self.calls = dict(tracker.calls)
 
     def covers(self, modules: Iterable[str]) -> bool:
         """Whether every one of these modules ran in a recorded forward."""
         return self.ran.issuperset(modules)
 
-    def layouts_for(self, outputs: Mapping[str, Any]) -> dict[str, tuple[str, str]] | None:
+    def calls_of(self, module: str) -> int | None:
+        """How many times ``module`` ran in a whole forward; ``None``: not known."""
+        return None if self.calls is None else self.calls.get(module, 0)
+
+    def layouts_for(self, outputs: Mapping[tuple[str, int], Any]) -> dict[OutputKey, Layout] | None:
         """The kept decisions for the 4-D tensors of these outputs.
 
         Args:
-            outputs: module name -> what the module returned.
+            outputs: (module name, call) -> what the module returned.
 
         Returns:
-            Output name -> ``(layout, reason)``, or ``None`` when a 4-D tensor was not
+            (module, call, entry) -> layout, or ``None`` when a 4-D tensor was not
             recorded with its shape (the forward went another way).
         """
-        found: dict[str, tuple[str, str]] = {}
-        for name, output in outputs.items():
-            for key, t in _tensors_of(output):
+        found: dict[OutputKey, Layout] = {}
+        for (name, call), output in outputs.items():
+            for entry, t in _tensors_of(output):
                 if t.ndim != 4:
                     continue
-                if self.shapes.get(name + key) != tuple(t.shape):
+                key = (name, call, entry)
+                if self.shapes.get(key) != tuple(t.shape):
                     return None
-                found[name + key] = self.layouts[name + key]
+                found[key] = self.layouts[key]
         return found
 
 
@@ -517,16 +596,21 @@ def _token_candidates(info: TokenInfo, ctx: LayoutContext) -> list[tuple[int, in
     return grids
 
 
+_PICK_HINT = (
+    "Pick a layer before pooling/flatten; `featuremaps layers MODEL` shows every layer's shape."
+)
+
 _TOKENS_HINT = (
     "Set it with --tokens-grid HxW --prefix-tokens K "
     "(Python: LayoutContext(tokens_grid=(h, w), prefix_tokens=k))."
 )
 
 
-def _tokens_to_map(t: torch.Tensor, ctx: LayoutContext) -> tuple[torch.Tensor | None, str]:
+def _tokens_to_map(t: torch.Tensor, ctx: LayoutContext) -> tuple[torch.Tensor | None, Layout]:
     b, n, c = (int(s) for s in t.shape)
     if ctx.batch is not None and b != ctx.batch:
-        return None, f"not spatial: shape {tuple(t.shape)} (first dimension is not the batch)"
+        why = f"not spatial: shape {tuple(t.shape)} (first dimension is not the batch)"
+        return None, Layout(LayoutKind.NOT_SPATIAL, why, hint=_PICK_HINT)
     info = model_tokens(ctx.model, ctx.input_hw)
     grids = _token_candidates(info, ctx)
     if ctx.prefix_tokens is not None:
@@ -546,10 +630,8 @@ def _tokens_to_map(t: torch.Tensor, ctx: LayoutContext) -> tuple[torch.Tensor | 
             if k >= 0 and k + gh * gw == n:
                 patches = t[:, k:, :].reshape(b, gh, gw, c).permute(0, 3, 1, 2)
                 where = "--tokens-grid" if ctx.tokens_grid else info.grid_source
-                return patches, (
-                    f"tokens(prefix={k}, grid={gh}x{gw})->NCHW; prefix from {source}, "
-                    f"grid from {where}"
-                )
+                reason = f"prefix from {source}, grid from {where}"
+                return patches, Layout(LayoutKind.TOKENS, reason, prefix=k, grid=(gh, gw))
     if info.grid is None and ctx.tokens_grid is None:
         why = f"cannot tell the patch grid ({info.grid_source})"
     else:
@@ -558,7 +640,8 @@ def _tokens_to_map(t: torch.Tensor, ctx: LayoutContext) -> tuple[torch.Tensor | 
             f"N={n} is not prefix tokens ({', '.join(map(str, prefixes))}) plus a patch "
             f"grid ({tried})"
         )
-    return None, f"tokens (B, N, C) = {tuple(t.shape)}: {why}. {_TOKENS_HINT}"
+    why = f"tokens (B, N, C) = {tuple(t.shape)}: {why}. {_TOKENS_HINT}"
+    return None, Layout(LayoutKind.NOT_SPATIAL, why)
 
 
 def check_input_size(model: nn.Module, x: torch.Tensor) -> None:
@@ -600,8 +683,8 @@ def to_bchw(
     ctx: LayoutContext,
     module: nn.Module | None = None,
     *,
-    name: str | None = None,
-) -> tuple[torch.Tensor | None, str]:
+    key: OutputKey | None = None,
+) -> tuple[torch.Tensor | None, Layout]:
     """Bring one output tensor into ``(B, C, H, W)``.
 
     * 4-D: NCHW as is; channels-last (``(B, H, W, C)``, e.g. Swin) is permuted. The
@@ -616,70 +699,67 @@ def to_bchw(
         t: the tensor.
         ctx: input size, model and overrides.
         module: the module that returned ``t``.
-        name: its output name (``layer`` or ``layer[key]``), to find ``ctx.layouts``.
+        key: (module name, call, entry) of ``t``, to find ``ctx.layouts``.
 
     Returns:
         The map, possibly a permuted view of ``t`` (or ``None`` when it is not spatial),
-        and a word on what was done:
-        ``"NCHW"``, ``"NHWC->NCHW"`` or ``"tokens(prefix=K, grid=hxw)->NCHW; ..."``, or
-        why there is no map.
+        and the :class:`Layout` record of what was done, or why there is no map.
     """
     if t.ndim == 4:
-        decided = ctx.layouts.get(name) if name is not None else None
+        decided = ctx.layouts.get(key) if key is not None else None
         if decided is None and module is not None:
             decided = _declared_layout(module, tuple(t.shape))
         if decided is None:
             decided = _shape_guess(tuple(t.shape), ctx.input_hw)
-        if decided is not None and decided[0] == NHWC:
-            why = f"; {decided[1]}" if decided[1] else ""
-            return t.permute(0, 3, 1, 2), f"NHWC->NCHW{why}"
-        return t, NCHW
+        if decided is not None and decided.kind is NHWC:
+            return t.permute(0, 3, 1, 2), decided
+        return t, _PLAIN
     if t.ndim == 3 and t.shape[1] > 1 and t.is_floating_point():
         return _tokens_to_map(t, ctx)
-    return None, f"not spatial: shape {tuple(t.shape)}"
+    why = f"not spatial: shape {tuple(t.shape)}"
+    return None, Layout(LayoutKind.NOT_SPATIAL, why, hint=_PICK_HINT)
 
 
 def normalize_output(
-    name: str, module: nn.Module, output: Any, ctx: LayoutContext
-) -> list[tuple[str, torch.Tensor | None, LayerInfo]]:
-    """Split a module's output into named maps with their :class:`LayerInfo`.
+    key: LayerKey,
+    module: nn.Module,
+    output: Any,
+    ctx: LayoutContext,
+    *,
+    source: tuple[str, int] | None = None,
+    calls: int | None = 1,
+) -> list[tuple[LayerKey, torch.Tensor | None, LayerInfo]]:
+    """Split one call's output into maps with their :class:`LayerInfo`.
 
-    A tensor gives one entry named ``name``; each tensor in a tuple/list/dict gives one
-    named ``name[key]`` (``backbone[0]``, ``backbone[pool]``; nested: ``name[1][0]``).
+    A tensor gives one entry keyed ``key``; each tensor in a tuple/list/dict gives one
+    whose key has the entry set (``backbone[0]``, ``backbone[pool]``; nested:
+    ``name[1][0]``).
+
+    Args:
+        key: module name (as the user gave it) and call to show.
+        module: the module.
+        output: what this call returned.
+        ctx: input size, model, overrides and layout decisions.
+        source: (name in ``named_modules()``, call) under which ``ctx.layouts`` keeps
+            the decisions for this output; by default ``key``'s module and call.
+        calls: how many times the module ran (``None``: not known).
     """
     mtype = type(module).__name__
-    entries = _tensors_of(output)
-    if not entries:
-        info = LayerInfo(name, mtype, None, note=f"output is {type(output).__name__}")
-        return [(name, None, info)]
-    result: list[tuple[str, torch.Tensor | None, LayerInfo]] = []
-    for key, t in entries:
-        full = name + key
-        m, layout = to_bchw(t, ctx, module, name=full)
-        note = ""
-        if m is None:
-            layout, note = "not spatial", layout
-        elif ";" in layout:
-            layout, note = (s.strip() for s in layout.split(";", 1))
-        if key:
-            what = f"entry {key} of a {type(output).__name__} output"
-            note = f"{what}; {note}" if note else what
-        result.append((full, m, _info(full, mtype, t, m, layout, note, ctx)))
+    found = _tensors_of(output)
+    src = source or (key.module, key.call or 1)
+    if not found:
+        why = Layout(LayoutKind.NOT_SPATIAL, f"output is {type(output).__name__}", hint=_PICK_HINT)
+        return [(key, None, LayerInfo(key, mtype, None, form=why, calls=calls))]
+    container = "" if isinstance(output, torch.Tensor) else type(output).__name__
+    result: list[tuple[LayerKey, torch.Tensor | None, LayerInfo]] = []
+    for entry, t in found:
+        full = LayerKey(key.module, key.call, entry)
+        m, form = to_bchw(t, ctx, module, key=(src[0], src[1], entry))
+        shape = tuple(m.shape) if m is not None else None
+        stride = None
+        if m is not None:
+            h, w = m.shape[-2], m.shape[-1]
+            stride = (round(ctx.input_hw[0] / h, 3), round(ctx.input_hw[1] / w, 3))
+        info = LayerInfo(full, mtype, tuple(t.shape), shape, stride, form, container, calls)
+        result.append((full, m, info))
     return result
-
-
-def _info(
-    name: str,
-    mtype: str,
-    raw: torch.Tensor,
-    m: torch.Tensor | None,
-    layout: str,
-    note: str,
-    ctx: LayoutContext,
-) -> LayerInfo:
-    shape = tuple(m.shape) if m is not None else None
-    stride = None
-    if m is not None:
-        h, w = m.shape[-2], m.shape[-1]
-        stride = (round(ctx.input_hw[0] / h, 3), round(ctx.input_hw[1] / w, 3))
-    return LayerInfo(name, mtype, tuple(raw.shape), shape, stride, layout, note)
