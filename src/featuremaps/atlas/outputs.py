@@ -7,6 +7,7 @@ templates ``templates/atlas_*.html`` with every user-given text escaped.
 
 from __future__ import annotations
 
+import glob
 import html
 import math
 import re
@@ -174,7 +175,7 @@ def write_crops(
     Each layer's crops go to a fresh folder of a unique name that then replaces
     ``crops/LAYER``: creating files is cheap, while overwriting thousands of them (in
     place or by renames) makes ext4 flush each one and costs seconds. Folders left by a
-    killed run (``.LAYER.*.new``/``.old``) are removed first; the caller holds the
+    killed run (``.LAYER.*.new``, ``.LAYER.*.old``) are removed first; the caller holds the
     output lock, so no other run is writing them.
     """
     wanted: dict[str, list[tuple[int, dict[str, Any]]]] = {}
@@ -185,9 +186,10 @@ def write_crops(
     images = sorted(wanted)
     crops = out / "crops"
     crops.mkdir(parents=True, exist_ok=True)
-    for slug in slugs:
-        for stale in [*crops.glob(f".{slug}.*.new"), *crops.glob(f".{slug}.*.old")]:
-            shutil.rmtree(stale, ignore_errors=True)
+    for slug in slugs:  # .LAYER.new/.old: the fixed names of earlier versions
+        for pattern in (".{}.new", ".{}.old", ".{}.*.new", ".{}.*.old"):
+            for stale in crops.glob(pattern.format(glob.escape(slug))):
+                shutil.rmtree(stale, ignore_errors=True)
     fresh = [Path(tempfile.mkdtemp(prefix=f".{slug}.", suffix=".new", dir=crops)) for slug in slugs]
     try:
         plan = Plan(tuple(images), 1)
