@@ -11,6 +11,7 @@ import sys
 
 from ..errors import FeatureMapsError
 from . import atlas as _atlas  # noqa: F401  (registers the command)
+from . import compare as _compare  # noqa: F401
 from . import layers as _layers  # noqa: F401
 from . import run as _run  # noqa: F401
 from . import serve as _serve  # noqa: F401

@@ -1,0 +1,95 @@
+"""``featuremaps compare``: CKA between the layers of two models over a dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..options import Device
+from ._app import DeviceOpt, ModelArg, app, err, out, progress_bar
+
+WeightsAOpt = Annotated[
+    str,
+    typer.Option(
+        "--weights-a", help="Model A: DEFAULT (pretrained), none (random), or a weight file."
+    ),
+]
+WeightsBOpt = Annotated[
+    str,
+    typer.Option(
+        "--weights-b", help="Model B: DEFAULT (pretrained), none (random), or a weight file."
+    ),
+]
+
+
+@app.command()
+def compare(
+    model_a: ModelArg,
+    model_b: Annotated[str, typer.Argument(help="The second model, in the same forms.")],
+    data: Annotated[str, typer.Argument(help="Folder (recursive), glob, or text file of paths.")],
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder: cka.json, cka.png, compare.html.")
+    ] = Path("featuremaps-compare"),
+    weights_a: WeightsAOpt = "DEFAULT",
+    weights_b: WeightsBOpt = "DEFAULT",
+    layers: Annotated[
+        str,
+        typer.Option(
+            "--layers", "-l", help="Layers of both models: names, globs or presets (stages)."
+        ),
+    ] = "stages",
+    layers_a: Annotated[
+        str | None, typer.Option("--layers-a", help="Layers of model A (overrides --layers).")
+    ] = None,
+    layers_b: Annotated[
+        str | None, typer.Option("--layers-b", help="Layers of model B (overrides --layers).")
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(help="Images per batch of the minibatch estimator (at least 4).")
+    ] = 32,
+    pool: Annotated[
+        str, typer.Option(help="none: flattened C*H*W maps; mean: channel means.")
+    ] = "none",
+    engine: Annotated[str, typer.Option(help="local (ray is not available yet).")] = "local",
+    workers: Annotated[int, typer.Option(help="Decoding processes.")] = 2,
+    device: DeviceOpt = Device.AUTO,
+) -> None:
+    """Debiased linear CKA between every pair of layers of two models, a heatmap and a page."""
+    import warnings
+
+    from ..compare import build_compare
+
+    def show(message: Any, *args: Any, **kwargs: Any) -> None:
+        err.print(f"warning: {message}", markup=False, highlight=False)
+
+    with progress_bar(rate=True) as progress, warnings.catch_warnings():
+        warnings.showwarning = show
+        done = build_compare(
+            model_a,
+            model_b,
+            data,
+            out_dir,
+            layers=layers,
+            layers_a=layers_a,
+            layers_b=layers_b,
+            weights_a=weights_a,
+            weights_b=weights_b,
+            batch_size=batch_size,
+            pool=pool,
+            engine=engine,
+            device=device,
+            workers=workers,
+            progress=progress,
+        )
+    r = done.result
+    out.print(
+        f"{r.images_used} of {r.images_total} images used, {len(r.skipped)} skipped"
+        + (f", {r.left_out} left out (last batch under 4)" if r.left_out else "")
+        + f", {r.images_per_second:.1f} images/s",
+        markup=False,
+        highlight=False,
+    )
+    for what, path in done.files.items():
+        out.print(f"{what} -> {path}", markup=False, highlight=False)

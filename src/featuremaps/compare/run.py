@@ -1,0 +1,395 @@
+"""One pass over a dataset through two models: the CKA of every pair of layers.
+
+Each batch is decoded once per distinct preprocessing (once when both models share it),
+runs one forward through each model with its layers captured, and is folded into a
+:class:`~featuremaps.compare.cka.CKAAccumulator`. Memory depends on the batch size and the
+layers, never on the number of images. The data reader is the atlas's: folders, globs and
+lists of paths; unreadable files are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ..atlas import SkippedImageWarning, dataset_paths, fixed_size, load_images
+from ..capture import FeatureMaps, capture
+from ..errors import FeatureMapsError, LayerError
+from ..images import display_image
+from ..models import LoadedModel, Preprocess, load_model
+from ..pipeline import resolve_device
+from .cka import MIN_BATCH, CKAAccumulator
+
+Pool = Literal["none", "mean"]
+POOLS: tuple[str, ...] = ("none", "mean")
+ENGINES: tuple[str, ...] = ("local",)
+ESTIMATOR = (
+    "debiased linear CKA, minibatch (Nguyen, Raghu & Kornblith 2021): mean unbiased "
+    "HSIC_1 over batches, linear kernels"
+)
+Progress = Callable[[str, int, int], None]
+"""Called as ``progress(phase, done, total)``; phase ``images`` counts images."""
+
+
+@dataclass
+class Side:
+    """One model of the comparison and its layers."""
+
+    model: LoadedModel
+    layers: list[str]
+    shapes: list[tuple[int, ...]]
+    """``(C, H, W)`` of each layer for one image."""
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.model.spec,
+            "weights": self.model.weights,
+            "preprocess": self.model.preprocess.describe(),
+        }
+
+
+@dataclass
+class CompareResult:
+    """What :func:`compare_models` computed.
+
+    Attributes:
+        a, b: the two models with their layers.
+        matrix: ``(len(a.layers), len(b.layers))`` CKA; NaN where a layer is constant.
+        images_total: files in the dataset.
+        images_used: images that went into the estimate.
+        skipped: ``(path, reason)`` of each file that could not be used.
+        left_out: readable images not in the estimate: too few in all (under 4), or in
+            a batch that non-finite activations left under 4. A batch with fewer than
+            4 readable images otherwise joins its neighbour.
+        batches: batches averaged.
+        batch_size: images per batch.
+        pool: ``none`` (flattened C·H·W maps) or ``mean`` (channel means).
+        examples: display pictures ``(H, W, 3)`` uint8 of the first images used.
+        example_maps_a, example_maps_b: per layer, those images' maps ``(N, C, H, W)``.
+        seconds: wall time of the pass; images_per_second: images used per second.
+    """
+
+    a: Side
+    b: Side
+    matrix: np.ndarray
+    images_total: int
+    images_used: int
+    skipped: list[tuple[str, str]]
+    left_out: int
+    batches: int
+    batch_size: int
+    pool: str
+    examples: list[np.ndarray] = field(default_factory=list)
+    example_maps_a: dict[str, torch.Tensor] = field(default_factory=dict)
+    example_maps_b: dict[str, torch.Tensor] = field(default_factory=dict)
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The record written to ``cka.json`` (NaN as ``null``)."""
+        return {
+            "layers_a": list(self.a.layers),
+            "layers_b": list(self.b.layers),
+            "matrix": [[None if math.isnan(v) else float(v) for v in row] for row in self.matrix],
+            "model_a": self.a.describe(),
+            "model_b": self.b.describe(),
+            "shapes_a": [list(s) for s in self.a.shapes],
+            "shapes_b": [list(s) for s in self.b.shapes],
+            "images_total": self.images_total,
+            "images_used": self.images_used,
+            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+            "left_out": self.left_out,
+            "estimator": ESTIMATOR,
+            "batches": self.batches,
+            "batch_size": self.batch_size,
+            "pool": self.pool,
+        }
+
+
+def check_options(batch_size: int, pool: str, engine: str, workers: int, examples: int) -> None:
+    """Refuse bad options before any model is loaded."""
+    if batch_size < MIN_BATCH:
+        raise FeatureMapsError(
+            f"--batch-size {batch_size}: the debiased CKA estimator needs at least "
+            f"{MIN_BATCH} images per batch; use 32 or more for a stable estimate"
+        )
+    if pool not in POOLS:
+        raise FeatureMapsError(
+            f"--pool {pool!r}: use none (flattened maps) or mean (channel means)"
+        )
+    if engine == "ray":
+        raise FeatureMapsError(
+            "--engine ray is not available for compare yet; use --engine local (the "
+            "default), which runs both models in this process"
+        )
+    if engine not in ENGINES:
+        raise FeatureMapsError(f"--engine {engine!r}: use local")
+    if workers < 0:
+        raise FeatureMapsError(f"--workers {workers}: use 0 (decode in this process) or more")
+    if examples < 0:
+        raise FeatureMapsError(f"examples {examples}: use 0 or more")
+
+
+def _side(
+    loaded: LoadedModel, layers: str | Sequence[str], which: str, device: torch.device
+) -> Side:
+    """Resolve the layers with one blank input; learn their shapes."""
+    side = int(loaded.preprocess.crop or 0)
+    loaded.module.to(device)
+    try:
+        fm = capture(loaded.module, torch.zeros(1, 3, side, side, device=device), layers)
+    except LayerError as exc:
+        raise LayerError(
+            f"model {which} ({loaded.spec}): {exc}. With --pool none or mean, each layer "
+            "must give a (C, H, W) map; `featuremaps layers "
+            f"{loaded.spec}` lists every layer and its shape"
+        ) from exc
+    names = list(fm)
+    return Side(loaded, names, [tuple(int(v) for v in fm[n].shape[1:]) for n in names])
+
+
+def _check_sizes(a: LoadedModel, b: LoadedModel) -> None:
+    sa, sb = a.preprocess.crop, b.preprocess.crop
+    if sa != sb:
+        raise FeatureMapsError(
+            f"model A ({a.spec}) takes {sa}x{sa} inputs but model B ({b.spec}) takes "
+            f"{sb}x{sb}: CKA compares both models on the very same pixels, so their "
+            "preprocessing must give one input size. Compare models with the same input "
+            "size, or load one through a factory (package.module:factory) with matching "
+            "preprocessing"
+        )
+
+
+@dataclass
+class _Batch:
+    index: int
+    ids: np.ndarray
+    xa: torch.Tensor
+    xb: torch.Tensor | None  # None: the same as xa
+    bad: list[tuple[int, str]]
+
+
+class _Batches(torch.utils.data.Dataset[_Batch]):
+    """Item ``i``: batch ``i`` decoded with each distinct preprocessing."""
+
+    def __init__(
+        self, paths: Sequence[str], batch_size: int, pa: Preprocess, pb: Preprocess
+    ) -> None:
+        self.paths = list(paths)
+        self.batch_size = batch_size
+        self.pa, self.pb = pa, pb
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.paths) / self.batch_size)
+
+    def __getitem__(self, i: int) -> _Batch:
+        first = i * self.batch_size
+        paths = self.paths[first : first + self.batch_size]
+        a = load_images(i, first, paths, self.pa)
+        if self.pb == self.pa:
+            return _Batch(i, a.ids, a.x, None, a.bad)
+        b = load_images(i, first, paths, self.pb)
+        keep = np.isin(a.ids, b.ids)  # the same files fail with either preprocessing
+        bad = sorted({*a.bad, *b.bad})
+        ids = a.ids[keep]
+        xb = b.x[torch.from_numpy(np.isin(b.ids, ids))]
+        return _Batch(i, ids, a.x[torch.from_numpy(keep)], xb, bad)
+
+
+def _merge(first: _Batch, second: _Batch) -> _Batch:
+    """Two consecutive batches as one (for a batch too small on its own)."""
+    xb = None
+    if first.xb is not None and second.xb is not None:
+        xb = torch.cat([first.xb, second.xb])
+    return _Batch(
+        first.index,
+        np.concatenate([first.ids, second.ids]),
+        torch.cat([first.xa, second.xa]),
+        xb,
+        [],
+    )
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+def _loader(dataset: _Batches, workers: int) -> Iterator[_Batch]:
+    yield from torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_identity,
+        prefetch_factor=2 if workers else None,
+    )
+
+
+def features(fm: FeatureMaps, names: Sequence[str], pool: str) -> list[torch.Tensor]:
+    """Per-example features of each layer: ``(B, C·H·W)`` or, with ``mean``, ``(B, C)``."""
+    if pool == "mean":
+        return [fm[n].mean(dim=(2, 3)) for n in names]
+    return [fm[n].reshape(fm[n].shape[0], -1) for n in names]
+
+
+def _finite_rows(feats: Sequence[torch.Tensor]) -> torch.Tensor:
+    ok = torch.ones(feats[0].shape[0], dtype=torch.bool)
+    for f in feats:
+        ok &= torch.isfinite(f).all(dim=1).cpu()
+    return ok
+
+
+def compare_models(
+    model_a: str | LoadedModel,
+    model_b: str | LoadedModel,
+    data: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    layers: str | Sequence[str] = "stages",
+    layers_a: str | Sequence[str] | None = None,
+    layers_b: str | Sequence[str] | None = None,
+    weights_a: str = "DEFAULT",
+    weights_b: str = "DEFAULT",
+    batch_size: int = 32,
+    pool: str = "none",
+    engine: str = "local",
+    device: str = "auto",
+    workers: int = 2,
+    examples: int = 4,
+    progress: Progress | None = None,
+) -> CompareResult:
+    """Debiased linear CKA between every selected layer of two models over a dataset.
+
+    Args:
+        model_a, model_b: model specs (see :func:`featuremaps.load_model`) or loaded models.
+        data: a folder (recursively), a glob, a text file of paths, or a list of these.
+        layers: names, globs or presets for both models (``stages``).
+        layers_a, layers_b: per-model layers, overriding ``layers``.
+        weights_a, weights_b: weights of models given as specs.
+        batch_size: images per batch of the minibatch estimator (at least 4); with the
+            number of images, the result is the full-batch debiased CKA.
+        pool: ``none``: the flattened ``C·H·W`` map per image; ``mean``: channel means.
+        engine: ``local`` (the only engine so far).
+        device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
+        workers: decoding processes.
+        examples: images whose maps are kept for the side-by-side pictures.
+        progress: called as ``progress(phase, done, total)``.
+
+    Returns:
+        A :class:`CompareResult`.
+
+    Raises:
+        FeatureMapsError: bad options, unknown models or layers, layers without a map,
+            models with different input sizes, an empty dataset, or too few readable
+            images for one batch of 4.
+
+    Example:
+        >>> r = compare_models("resnet18", "resnet18", "photos/", weights_a="none",
+        ...                    weights_b="b.pth", layers="layer1,layer4")  # doctest: +SKIP
+        >>> r.matrix.shape
+        (2, 2)
+    """
+    check_options(batch_size, pool, engine, workers, examples)
+    paths = dataset_paths(data)
+    la = model_a if isinstance(model_a, LoadedModel) else load_model(model_a, weights_a)
+    lb = model_b if isinstance(model_b, LoadedModel) else load_model(model_b, weights_b)
+    la = replace(la, preprocess=fixed_size(la.preprocess))
+    lb = replace(lb, preprocess=fixed_size(lb.preprocess))
+    _check_sizes(la, lb)
+    dev = resolve_device(device)
+    a = _side(la, layers if layers_a is None else layers_a, "A", dev)
+    b = _side(lb, layers if layers_b is None else layers_b, "B", dev)
+    acc = CKAAccumulator(len(a.layers), len(b.layers))
+    kept: list[np.ndarray] = []
+    maps_a: dict[str, list[torch.Tensor]] = {n: [] for n in a.layers}
+    maps_b: dict[str, list[torch.Tensor]] = {n: [] for n in b.layers}
+    skipped: list[tuple[str, str]] = []
+    left_out = 0
+    done = 0
+    start = time.monotonic()
+    if progress:
+        progress("images", 0, len(paths))
+
+    def step(batch: _Batch) -> None:
+        nonlocal left_out
+        xa = batch.xa.to(dev, non_blocking=True)
+        xb = xa if batch.xb is None else batch.xb.to(dev, non_blocking=True)
+        fa = capture(la.module, xa, a.layers)
+        fb = capture(lb.module, xb, b.layers)
+        feats_a, feats_b = features(fa, a.layers, pool), features(fb, b.layers, pool)
+        ok = _finite_rows([*feats_a, *feats_b])
+        if not bool(ok.all()):
+            for j in np.flatnonzero(~ok.numpy()):
+                path = paths[int(batch.ids[j])]
+                skipped.append((path, "non-finite activations"))
+                warnings.warn(
+                    f"skipped {path}: non-finite activations", SkippedImageWarning, stacklevel=3
+                )
+            feats_a = [f[ok] for f in feats_a]
+            feats_b = [f[ok] for f in feats_b]
+        n_ok = int(ok.sum())
+        if n_ok < MIN_BATCH:
+            left_out += n_ok
+            return
+        acc.update(feats_a, feats_b)
+        want = examples - len(kept)
+        if want > 0:
+            rows = torch.nonzero(ok).flatten()[:want]
+            kept.extend(display_image(batch.xa[int(r)], la.preprocess) for r in rows)
+            for n in a.layers:
+                maps_a[n].append(fa[n][rows].cpu())
+            for n in b.layers:
+                maps_b[n].append(fb[n][rows].cpu())
+
+    # One batch of look-ahead: a batch left with fewer than MIN_BATCH readable images
+    # (bad files, the dataset's tail) joins its neighbour instead of being lost.
+    pending: _Batch | None = None
+    for batch in _loader(_Batches(paths, batch_size, la.preprocess, lb.preprocess), workers):
+        for i, msg in batch.bad:
+            skipped.append((paths[i], msg))
+            warnings.warn(f"skipped {paths[i]}: {msg}", SkippedImageWarning, stacklevel=2)
+        if pending is None:
+            pending = batch
+        elif len(pending.ids) < MIN_BATCH or len(batch.ids) < MIN_BATCH:
+            pending = _merge(pending, batch)
+        else:
+            step(pending)
+            pending = batch
+        done += len(batch.ids) + len(batch.bad)
+        if progress:
+            progress("images", done, len(paths))
+    if pending is not None:
+        if len(pending.ids) >= MIN_BATCH:
+            step(pending)
+        else:
+            left_out += len(pending.ids)
+    seconds = time.monotonic() - start
+    if acc.batches == 0:
+        raise FeatureMapsError(
+            f"no batch of at least {MIN_BATCH} readable images in {len(paths)} file(s) "
+            f"({len(skipped)} skipped): the debiased CKA needs 4 images per batch"
+        )
+    return CompareResult(
+        a=a,
+        b=b,
+        matrix=acc.matrix(),
+        images_total=len(paths),
+        images_used=acc.examples,
+        skipped=skipped,
+        left_out=left_out,
+        batches=acc.batches,
+        batch_size=batch_size,
+        pool=pool,
+        examples=kept,
+        example_maps_a={n: torch.cat(v) for n, v in maps_a.items() if v},
+        example_maps_b={n: torch.cat(v) for n, v in maps_b.items() if v},
+        seconds=seconds,
+        images_per_second=acc.examples / seconds if seconds > 0 else 0.0,
+    )
