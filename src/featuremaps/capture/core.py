@@ -211,7 +211,8 @@ class Capture:
         plan: dict[str, int] = {}
         for base in self._bases:
             asked = [s.call for s in self.selections if s.module == base]
-            needed = max(asked) if None not in asked else self._known_calls[base]  # type: ignore[type-var]
+            calls = [c for c in asked if c is not None]
+            needed = max(calls) if len(calls) == len(asked) else self._known_calls[base]
             if not needed:
                 return  # not known (or never runs): run the forward to its end
             plan[base] = needed

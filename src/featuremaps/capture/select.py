@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -196,6 +196,27 @@ def canonical_names(model: nn.Module) -> dict[str, str]:
     return {n: first[id(m)] for n, m in module_names(model).items()}
 
 
+def with_aliases(model: nn.Module, infos: list[LayerInfo]) -> list[LayerInfo]:
+    """``infos`` with, after each, the same output under the module's other names.
+
+    A submodule registered in several places (a shared block) is one module with several
+    names; :func:`list_layers` reports it under its first, and every name is accepted.
+    """
+    others: dict[str, list[str]] = {}
+    for name, first in canonical_names(model).items():
+        if name != first:
+            others.setdefault(first, []).append(name)
+    if not others:
+        return list(infos)
+    out: list[LayerInfo] = []
+    for info in infos:
+        out.append(info)
+        for alias in others.get(info.key.module, ()):
+            key = replace(info.key, module=alias)
+            out.append(replace(info, key=key, remark=f"same module as {info.key.module}"))
+    return out
+
+
 def runs_once(model: nn.Module, name: str) -> bool:
     """Whether the structure guarantees that ``name`` runs once per forward of ``model``.
 
@@ -359,4 +380,5 @@ __all__ = [
     "resolve_layers",
     "runs_once",
     "select_layers",
+    "with_aliases",
 ]
