@@ -15,6 +15,7 @@ from . import compare as _compare  # noqa: F401
 from . import layers as _layers  # noqa: F401
 from . import run as _run  # noqa: F401
 from . import serve as _serve  # noqa: F401
+from . import visualize as _visualize  # noqa: F401
 from ._app import app, err
 
 __all__ = ["app", "main"]
