@@ -19,6 +19,7 @@ from .options import RenderOptions
 from .pipeline import analyze, run
 from .reduce import PCAAccumulator, PCABasis, channel_stats, pca_basis, pca_rgb
 from .render import channel_grid, overlay, pca_panel, render_grid, show
+from .visualize import Objective, Transforms, Visualization, Visualizations, visualize
 
 __version__ = "0.1.0"
 
@@ -33,12 +34,16 @@ __all__ = [
     "LayoutContext",
     "LoadedModel",
     "ModelError",
+    "Objective",
     "PCAAccumulator",
     "PCABasis",
     "Preprocess",
     "ReduceError",
     "RenderOptions",
     "SkippedImageWarning",
+    "Transforms",
+    "Visualization",
+    "Visualizations",
     "analyze",
     "available_models",
     "build_atlas",
@@ -59,4 +64,5 @@ __all__ = [
     "run",
     "sample_image",
     "show",
+    "visualize",
 ]
