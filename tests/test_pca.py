@@ -9,7 +9,7 @@ import torch
 from sklearn.decomposition import PCA
 
 from featuremaps import PCAAccumulator, ReduceError, pca_basis, pca_rgb
-from featuremaps.pca import load_bases, save_bases
+from featuremaps.pca import PCARecipe, load_bases, pca_fit, save_bases
 
 
 def _structured(c: int = 32, h: int = 12, w: int = 10, seed: int = 0) -> torch.Tensor:
@@ -162,3 +162,143 @@ def test_bases_roundtrip(tmp_path) -> None:
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(ReduceError, match="atlas"):
         load_bases(tmp_path / "junk.npz")
+
+
+# -- the DINO recipe --------------------------------------------------------------------------
+
+
+def _numpy_pca(x: np.ndarray, k: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reference PCA of ``(N, C)`` float64 pixels: mean, sign-fixed components, variances."""
+    mean = x.mean(0)
+    vals, vecs = np.linalg.eigh(np.cov(x, rowvar=False))
+    order = np.argsort(vals)[::-1][:k]
+    comps = vecs[:, order].T
+    comps *= np.sign(comps[np.arange(k), np.abs(comps).argmax(1)])[:, None]
+    return mean, comps, vals[order]
+
+
+def _planted(seed: int = 0) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    fmap = _structured(c=32, h=12, w=10, seed=seed)
+    spots = [(1, 2), (5, 7), (10, 0)]
+    for r, c in spots:
+        fmap[:, r, c] = 60.0 * fmap[:, r, c] / fmap[:, r, c].norm() * fmap.norm(dim=0).median()
+    return fmap, spots
+
+
+def test_planted_outliers_leave_the_fit_and_the_colour_range() -> None:
+    fmap, spots = _planted()
+    res = pca_fit(fmap, outliers=6)
+    # Independent recomputation: norms beyond median + 6 MAD, then PCA and min-max range
+    # over the other pixels only.
+    flat = fmap.reshape(32, -1).T.double().numpy()
+    norms = np.linalg.norm(flat, axis=1)
+    med = np.median(norms)
+    far = norms > med + 6 * np.median(np.abs(norms - med))
+    np.testing.assert_array_equal(res.outliers[0].reshape(-1), far)
+    assert {(0, r, c) for r, c in spots} <= set(res.outlier_positions)
+    assert res.outlier_count == far.sum() and res.summary()["outliers"] == far.sum()
+    clean = ~far.reshape(12, 10)
+    mean, comps, _ = _numpy_pca(flat[clean.reshape(-1)])
+    np.testing.assert_allclose(np.abs((res.basis.components * comps).sum(1)), 1.0, atol=1e-6)
+    proj = (flat - mean) @ comps.T
+    lo, hi = proj[clean.reshape(-1)].min(0), proj[clean.reshape(-1)].max(0)
+    expect = np.clip((proj - lo) / (hi - lo), 0, 1).reshape(12, 10, 3)
+    np.testing.assert_allclose(res.rgb[0], expect, atol=1e-4)
+    # The outliers are clipped, the others span the full range; without the option the
+    # planted tokens take the extremes and squeeze everything else.
+    assert res.rgb[0][clean].min() == 0.0 and res.rgb[0][clean].max() == 1.0
+    plain = pca_rgb(fmap)
+    assert np.ptp(plain[clean], axis=0).max() < 0.5
+    assert np.ptp(res.rgb[0][clean], axis=0).min() == 1.0
+
+
+def test_whitening_gives_unit_variance_on_the_fitted_pixels() -> None:
+    fmap, _ = _planted(seed=2)
+    for kw in ({}, {"outliers": 6.0}, {"foreground": "auto"}):
+        res = pca_fit(fmap, whiten=True, **kw)
+        fitted = res.foreground[0] & ~res.outliers[0]
+        y = res.basis.project(fmap)[fitted]
+        np.testing.assert_allclose(y.var(0, ddof=1), 1.0, rtol=1e-4)
+        np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-4)
+    # Whitening does not change min-max colours (each component is scaled to its range).
+    np.testing.assert_allclose(pca_rgb(fmap, whiten=True), pca_rgb(fmap), atol=1e-5)
+
+
+def test_sigmoid_colours_match_the_formula() -> None:
+    fmap = _structured()
+    flat = fmap.reshape(32, -1).T.double().numpy()
+    mean, comps, vals = _numpy_pca(flat)
+    z = (flat - mean) @ comps.T
+    white = pca_rgb(fmap, whiten=True, colors="sigmoid").reshape(-1, 3)
+    np.testing.assert_allclose(white, 1 / (1 + np.exp(-2 * z / np.sqrt(vals))), atol=1e-5)
+    plain = pca_rgb(fmap, colors="sigmoid").reshape(-1, 3)
+    np.testing.assert_allclose(plain, 1 / (1 + np.exp(-2 * z / np.sqrt(vals[0]))), atol=1e-5)
+
+
+def test_auto_foreground_on_a_synthetic_object_and_a_user_mask() -> None:
+    g = torch.Generator().manual_seed(3)
+    bg, fg = torch.randn(24, generator=g) * 2, torch.randn(24, generator=g) * 2
+    fmap = bg[:, None, None] + 0.3 * torch.randn(24, 16, 16, generator=g)
+    fmap[:, 4:11, 5:13] = fg[:, None, None] + 0.3 * torch.randn(24, 7, 8, generator=g)
+    box = np.zeros((16, 16), bool)
+    box[4:11, 5:13] = True
+    res = pca_fit(fmap, foreground="auto")
+    np.testing.assert_array_equal(res.foreground[0], box)
+    assert (res.rgb[0][~box] == 0).all() and res.rgb[0][box].max() == 1.0
+    # The refit uses the object's pixels only: its basis is the PCA of the box.
+    flat = fmap.permute(1, 2, 0).double().numpy()[box]
+    mean, comps, _ = _numpy_pca(flat)
+    np.testing.assert_allclose(res.basis.mean, mean, atol=1e-5)
+    np.testing.assert_allclose(np.abs((res.basis.components * comps).sum(1)), 1.0, atol=1e-5)
+    # A user mask at another resolution does the same; a wrong shape is named.
+    big = torch.from_numpy(box.repeat(4, 0).repeat(4, 1))
+    masked = pca_fit(fmap, foreground=big)
+    np.testing.assert_array_equal(masked.foreground[0], box)
+    np.testing.assert_allclose(masked.rgb, res.rgb, atol=1e-5)
+    with pytest.raises(ReduceError, match="mask has shape"):
+        pca_fit(fmap, foreground=np.ones((2, 3, 16, 16)))
+
+
+def test_recipe_options_are_checked() -> None:
+    fmap = _structured()
+    with pytest.raises(ReduceError, match="foreground 'yes'"):
+        pca_rgb(fmap, foreground="yes")  # type: ignore[arg-type]
+    with pytest.raises(ReduceError, match="colors 'rainbow'"):
+        pca_rgb(fmap, colors="rainbow")  # type: ignore[arg-type]
+    with pytest.raises(ReduceError, match="positive number of MADs"):
+        pca_rgb(fmap, outliers=0)
+    with pytest.raises(ReduceError, match="at least 1"):
+        PCARecipe(n_components=0).validate()
+
+
+def test_one_basis_across_images_saved_and_applied_to_another_model(tmp_path) -> None:
+    fmap, _ = _planted(seed=4)
+    other = _structured(seed=5)
+    basis = pca_basis(torch.stack([fmap, other]), foreground="auto", outliers=6, whiten=True)
+    joint = pca_fit(torch.stack([fmap, other]), foreground="auto", outliers=6, whiten=True)
+    np.testing.assert_array_equal(joint.rgb[1], basis.to_rgb(other))
+    path = tmp_path / "bases.npz"
+    save_bases({"blocks.3": basis}, path)
+    loaded = load_bases(path)["blocks.3"]
+    assert loaded.whiten and loaded.colors == "minmax" and loaded.norm_limit == basis.norm_limit
+    assert loaded.fg_axis is not None and basis.fg_axis is not None
+    np.testing.assert_array_equal(loaded.fg_axis, basis.fg_axis)
+    # A second "checkpoint": another model's map of the same width draws with the basis.
+    third = _structured(seed=6)
+    np.testing.assert_array_equal(pca_fit(third, basis=loaded).rgb, pca_fit(third, basis=basis).rgb)
+    with pytest.raises(ReduceError, match="basis is for 32 channels, the map has 16"):
+        pca_fit(third[:16], basis=loaded)
+
+
+def test_sign_and_basis_are_stable_across_runs_and_orders() -> None:
+    fmap, _ = _planted(seed=7)
+    a = pca_fit(fmap, foreground="auto", outliers=6, whiten=True, colors="sigmoid")
+    b = pca_fit(fmap.clone(), foreground="auto", outliers=6, whiten=True, colors="sigmoid")
+    np.testing.assert_array_equal(a.rgb, b.rgb)
+    # A joint basis does not depend on the order of the images.
+    other = _structured(seed=8)
+    ab = pca_basis(torch.stack([fmap, other]), foreground="auto", outliers=6)
+    ba = pca_basis(torch.stack([other, fmap]), foreground="auto", outliers=6)
+    np.testing.assert_allclose(ab.components, ba.components, atol=1e-6)
+    idx = np.abs(ab.components).argmax(1)
+    assert (ab.components[np.arange(3), idx] > 0).all()

@@ -4,10 +4,11 @@ Each pixel (or token) of a ``(C, H, W)`` map is a C-vector; its projection onto 
 principal components, scaled to [0, 1], is the picture. The DINO recipe is a set of
 options on top of the plain PCA, each off by default (see :class:`PCARecipe`):
 
-- ``foreground="auto"``: a first PCA over all pixels, its first component thresholded
-  (Otsu's split), the side that touches the map's border less is the foreground; the PCA
-  is refitted on the foreground pixels only and the background is drawn black. A user
-  mask may be given instead.
+- ``foreground="auto"``: a first PCA over the pixels (less the outermost ring, which zero
+  padding distorts in CNNs), its first component thresholded (Otsu's split), the side
+  that touches the map's border less is the foreground; the PCA is refitted on the
+  foreground pixels only and the background is drawn black. A user mask may be given
+  instead.
 - ``outliers=k``: pixels whose feature norm lies more than ``k`` median absolute
   deviations above the median norm (the high-norm artifact tokens of large ViTs) are left
   out of every fit and clipped in the picture; :class:`PCAResult` reports them.
@@ -390,12 +391,14 @@ class PixelBlock(NamedTuple):
 
     Attributes:
         x: ``(C, N)`` float32 pixels.
-        border: ``(N,)`` bool, pixels on the map's outer rows and columns.
+        border: ``(N,)`` bool, the ring of pixels the border prior looks at.
+        edge: ``(N,)`` bool, the outermost ring, left out when the foreground is sought.
         mask: ``(N,)`` bool user foreground, or ``None``.
     """
 
     x: np.ndarray
     border: np.ndarray
+    edge: np.ndarray
     mask: np.ndarray | None = None
 
 
@@ -403,11 +406,23 @@ BlockSource = Callable[[], Iterable[PixelBlock]]
 """Returns a fresh iterator over the blocks at each call (a fit passes several times)."""
 
 
-def border_pixels(h: int, w: int) -> np.ndarray:
-    """``(h*w,)`` bool: the pixels of the first and last row and column of an h x w map."""
-    edge = np.zeros((h, w), bool)
-    edge[0, :] = edge[-1, :] = edge[:, 0] = edge[:, -1] = True
-    return edge.reshape(-1)
+EDGE_MIN_SIDE = 9
+"""Maps at least this large on both sides lose their outermost ring in the foreground
+search: zero padding makes a CNN's outer row and column unlike any content (the plain
+PCA of EfficientNet's early stages spends its first component on them)."""
+
+
+def map_rings(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(border, edge)``, ``(h*w,)`` bool each, for the foreground search of an h x w map.
+
+    ``edge`` is the outermost ring (empty on maps under :data:`EDGE_MIN_SIDE`),
+    ``border`` the ring just inside it (the outermost ring on small maps).
+    """
+    yy, xx = np.mgrid[0:h, 0:w]
+    depth = np.minimum(np.minimum(yy, h - 1 - yy), np.minimum(xx, w - 1 - xx)).reshape(-1)
+    if min(h, w) >= EDGE_MIN_SIDE:
+        return depth == 1, depth == 0
+    return depth == 0, np.zeros(h * w, bool)
 
 
 def _inv_sd(var: np.ndarray) -> np.ndarray:
@@ -517,14 +532,19 @@ def _auto_foreground(
 ) -> tuple[np.ndarray, float] | None:
     """The foreground rule ``(axis, offset)`` from the first component, or ``None``.
 
-    The first component over the kept pixels is split at Otsu's threshold. Which side is
+    The first component over the kept pixels (less the edge ring) is split at Otsu's
+    threshold. Which side is
     the object: the one that holds the smaller share of border pixels (the background
     surrounds the object and runs into the frame: the border prior of saliency
     detection); a pixel count alone would lose close-ups, where the object fills more
     than half the picture. Equal shares (maps too small to have an inside): the smaller
     side.
     """
-    mean, cov, n = _moments(source, keep)
+
+    def inner(blk: PixelBlock) -> np.ndarray:
+        return keep(blk) & ~blk.edge
+
+    mean, cov, n = _moments(source, inner)
     if n < 3:
         return None
     comps, vals = _fit(cov, 1)
@@ -534,7 +554,7 @@ def _auto_foreground(
     ys, borders = _Sample(), _Sample()
     shift = float(axis @ mean)
     for blk in source():
-        k = keep(blk)
+        k = inner(blk)
         ys.add((axis.astype(np.float32) @ blk.x[:, k]).astype(np.float64) - shift)
         borders.add(blk.border[k])
     y, border = ys.values(), borders.values().astype(bool)
@@ -576,8 +596,8 @@ def fit_recipe(source: BlockSource, recipe: PCARecipe) -> PCABasis:
 
     def kept(blk: PixelBlock) -> np.ndarray:
         k = inliers(blk)
-        if rule is not None:
-            k &= _fg_side(blk.x, rule[0], rule[1])
+        if rule is not None:  # the edge ring stays out of the refit and the colour range
+            k &= _fg_side(blk.x, rule[0], rule[1]) & ~blk.edge
         return k
 
     mean, cov, n = _moments(source, kept)
@@ -630,11 +650,11 @@ def _mask_pixels(mask: ArrayLike | None, b: int, h: int, w: int) -> np.ndarray |
 
 
 def _blocks(x: np.ndarray, h: int, w: int, mask: np.ndarray | None) -> BlockSource:
-    border = border_pixels(h, w)
+    border, edge = map_rings(h, w)
 
     def source() -> Iterator[PixelBlock]:
         for i, img in enumerate(x):
-            yield PixelBlock(img, border, None if mask is None else mask[i])
+            yield PixelBlock(img, border, edge, None if mask is None else mask[i])
 
     return source
 
