@@ -90,3 +90,62 @@ def test_outputs_get_ordinary_permissions(tmp_path: Path) -> None:
     os.umask(mask)
     assert mode == 0o666 & ~mask
     assert not list(tmp_path.glob("*.part"))
+
+
+def test_render_options_are_the_typed_options() -> None:
+    import featuremaps.pipeline
+    from featuremaps import options
+
+    assert featuremaps.pipeline.RenderOptions is options.RenderOptions
+
+
+def test_grid_over_the_pixel_bound_is_refused_before_any_file(tmp_path: Path, photo: Path) -> None:
+    from featuremaps.pipeline import MAX_GRID_PIXELS
+
+    model = _loaded(nn.Sequential(nn.Conv2d(3, 64, 1)))  # 64 maps of 32x32
+    opts = RenderOptions(map_size=1024, max_maps=None)  # 64 maps of 1024x1024
+    with pytest.raises(FeatureMapsError, match=r"megapixels; the limit is 64\). Lower"):
+        run("toy", [photo], "0", tmp_path / "o", model=model, options=opts)
+    assert not (tmp_path / "o").exists()
+    assert 64 * 1024 * 1024 > MAX_GRID_PIXELS > 64 * 512 * 512
+    r = run("toy", [photo], "0", tmp_path / "o", model=model, options=opts.replace(max_maps=16))
+    assert (
+        Image.open(tmp_path / "o" / r.manifest_data["images"][0]["layers"]["0"]["grid"]).size[0]
+        > 4 * 1024
+    )
+
+
+def test_activations_file_is_streamed_and_matches_the_maps(tmp_path: Path, photo: Path) -> None:
+    from safetensors import safe_open
+
+    from featuremaps import capture, load_image, preprocess
+
+    torch.manual_seed(0)
+    model = _loaded(nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Conv2d(5, 2, 1)))
+    other = tmp_path / "other.png"
+    Image.open(photo).rotate(90).save(other)
+    r = run("toy", [photo, other], "0,2", tmp_path / "o", model=model, save_activations=True)
+    assert r.manifest_data["activations"] == "activations.safetensors"
+    with safe_open(str(tmp_path / "o" / "activations.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["keys"]) == [
+            "photo/0",
+            "photo/2",
+            "other/0",
+            "other/2",
+        ]
+        for key, path in (("photo", photo), ("other", other)):
+            x = preprocess(load_image(path, draft_size=32), model.preprocess)[None]
+            ref = capture(model.module, x, ["0", "2"])
+            for name in ("0", "2"):
+                torch.testing.assert_close(f.get_tensor(f"{key}/{name}"), ref[name])
+    assert not [p for p in (tmp_path / "o").iterdir() if p.name.startswith(".")]
+
+
+def test_failed_image_leaves_no_part_of_itself(tmp_path: Path, photo: Path) -> None:
+    bad = tmp_path / "z_bad.png"
+    bad.write_text("not pixels")
+    model = _loaded(nn.Sequential(nn.Conv2d(3, 2, 3)))
+    with pytest.raises(FeatureMapsError, match="not a readable image"):
+        run("toy", [photo, bad], "0", tmp_path / "o", model=model)
+    written = sorted(p.name for p in (tmp_path / "o").rglob("*"))
+    assert written == ["0.png", "input.png", "pca_panel.png", "photo"]  # no manifest, no lock

@@ -131,7 +131,9 @@ def output_lock(folder: str | os.PathLike[str], command: str) -> Iterator[Path]:
 
     The lock is ``fcntl.flock`` on ``FOLDER/.featuremaps.lock``, which records the PID
     and the command. The kernel releases it when the process ends, however it ends, so
-    a lock file left by a dead process is simply taken over.
+    a lock file left by a dead process is simply taken over. The holder removes the
+    file when it is done; a process that opened the file just before that sees a
+    different file at the path once it holds the lock, and starts over.
 
     Raises:
         FeatureMapsError: another live process holds the folder; the message names it.
@@ -143,18 +145,41 @@ def output_lock(folder: str | os.PathLike[str], command: str) -> Iterator[Path]:
 
     folder = prepare_output_dir(folder)
     lock_path = folder / LOCK_NAME
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-    try:
+    for _ in range(100):  # each retry means a holder just let go: bounded, never spins
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
             raise FeatureMapsError(
                 f"{folder} is in use by another featuremaps run ({holder}); wait for it "
                 "to finish or choose another --out"
-            )
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(fd, lock_path):
+            break
+        os.close(fd)  # the file was removed by its last holder after we opened it
+    else:  # pragma: no cover - would take 100 runs ending within one open() each
+        raise FeatureMapsError(f"{folder}: cannot take the lock {lock_path}; try again")
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}: {command or ' '.join(sys.argv)}\n".encode(), 0)
         yield lock_path
     finally:
+        try:
+            lock_path.unlink(missing_ok=True)  # still ours: we hold the lock
+        except OSError:
+            pass
         os.close(fd)  # closing the descriptor releases the flock
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)

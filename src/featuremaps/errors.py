@@ -34,6 +34,20 @@ class ReduceError(FeatureMapsError):
     """A numeric reduction got input it cannot give a defined result for."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run; says how many images were written, and where.
+
+    A :class:`KeyboardInterrupt`, so code that stops on Ctrl-C still stops; the CLI
+    prints its message and exits 130.
+    """
+
+    def __init__(self, written: int, total: int, where: object) -> None:
+        super().__init__(f"interrupted: {written} of {total} images written to {where}")
+        self.written = written
+        self.total = total
+        self.where = where
+
+
 def suggest(given: str, valid: Iterable[str], n: int = 5) -> str:
     """Return ``" Did you mean: a, b?"`` for the closest valid names, or ``""``."""
     matches = difflib.get_close_matches(given, list(valid), n=n, cutoff=0.5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 
@@ -13,12 +13,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ._files import describe_os_error
 from .errors import ImageError
 from .models import Preprocess
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 SAMPLES = {"cat": "cat.jpg", "coffee": "coffee.jpg"}
 """Bundled sample photos (CC0, from scikit-image's data set; see data/ATTRIBUTION.md)."""
+
+
+class FirstFrameWarning(UserWarning):
+    """An image holds several frames (animated GIF, multi-page TIFF); the first is used."""
 
 
 def sample_image(name: str = "cat") -> Path:
@@ -83,6 +88,8 @@ def load_image(path: str | os.PathLike[str], *, draft_size: int | None = None) -
             img.load()
     except FileNotFoundError as exc:
         raise ImageError(f"image {str(path)!r}: no such file") from exc
+    except (PermissionError, IsADirectoryError) as exc:
+        raise ImageError(f"image {describe_os_error(exc, path)}") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(
             f"image {str(path)!r} is too large to decode safely ({exc}). Downscale it first."
@@ -93,6 +100,13 @@ def load_image(path: str | os.PathLike[str], *, draft_size: int | None = None) -
         ) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"image {str(path)!r} cannot be decoded: {exc}") from exc
+    frames = int(getattr(img, "n_frames", 1) or 1)
+    if frames > 1:
+        warnings.warn(
+            f"image {str(path)!r} holds {frames} frames; only the first is used",
+            FirstFrameWarning,
+            stacklevel=2,
+        )
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # broken EXIF must not stop us; orientation is then as stored
@@ -158,16 +172,3 @@ def display_image(x: torch.Tensor, pp: Preprocess) -> np.ndarray:
     rgb = (x.detach().cpu() * std + mean).clamp(0, 1)
     return (rgb.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
 
-
-def load_batch(
-    paths: Sequence[str | os.PathLike[str]], pp: Preprocess, *, full: bool = False
-) -> torch.Tensor:
-    """Load and preprocess several images into one ``(B, 3, H, W)`` batch (same size)."""
-    tensors = [preprocess(load_image(p, draft_size=pp.resize), pp, full=full) for p in paths]
-    shapes = {tuple(t.shape) for t in tensors}
-    if len(shapes) > 1:
-        raise ImageError(
-            f"images have different sizes after preprocessing ({sorted(shapes)}); "
-            "process them one at a time or without --full"
-        )
-    return torch.stack(tensors)

@@ -499,6 +499,12 @@ def _cached_timm_weights(cfg: Any) -> Path | None:
 
 
 def _load_factory(spec: str) -> LoadedModel:
+    """Import ``package.module`` and call ``factory()``; whatever fails names the spec.
+
+    The module and the factory are the user's code: an exception there (at import or in
+    the call) becomes a :class:`ModelError` naming the spec and the exception, not a
+    crash of featuremaps.
+    """
     mod_name, _, attr = spec.partition(":")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -509,18 +515,31 @@ def _load_factory(spec: str) -> LoadedModel:
             f"model spec {spec!r}: cannot import module {mod_name!r} ({exc}). "
             "Make sure it is on PYTHONPATH or in the current directory."
         ) from exc
+    except Exception as exc:
+        raise ModelError(
+            f"model spec {spec!r}: importing {mod_name!r} raised {_describe(exc)}"
+        ) from exc
     factory = getattr(mod, attr, None)
     if factory is None or not callable(factory):
         names = [n for n in dir(mod) if not n.startswith("_")]
         raise ModelError(
             f"model spec {spec!r}: {mod_name} has no callable {attr!r}.{suggest(attr, names)}"
         )
-    module = factory()
+    try:
+        module = factory()
+    except Exception as exc:
+        raise ModelError(f"model spec {spec!r}: {attr}() raised {_describe(exc)}") from exc
     if not isinstance(module, nn.Module):
         raise ModelError(
             f"model spec {spec!r}: the factory returned {type(module).__name__}, not nn.Module"
         )
     return LoadedModel(module=module, preprocess=Preprocess(), spec=spec, weights="from factory")
+
+
+def _describe(exc: BaseException) -> str:
+    """``TypeError: message`` on one line (the message's first line)."""
+    text = str(exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {text[0]}" if text else exc.__class__.__name__
 
 
 def _load_torchscript(spec: str) -> LoadedModel:

@@ -8,43 +8,39 @@ temporary name and renamed, so a failed run leaves nothing half-written.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-from collections.abc import Callable, Sequence
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ._files import atomic_path, save_image, write_json
+from ._files import (
+    atomic_path,
+    describe_os_error,
+    output_lock,
+    prepare_output_dir,
+    save_image,
+    write_json,
+)
 from .capture import FeatureMaps, LayoutContext, capture
-from .errors import FeatureMapsError, ReduceError
+from .errors import FeatureMapsError, Interrupted, ReduceError
 from .images import display_image, expand_inputs, load_image, preprocess
 from .models import LoadedModel, load_model
+from .options import Device, RenderOptions, parse_choice
 from .reduce import PCABasis, channel_stats, load_bases, pca_rgb
 from .render import pca_panel, render_grid
 
 Progress = Callable[[str, int, int], None]
 """Called after each step as ``progress(phase, done, total)``."""
-
-
-@dataclass
-class RenderOptions:
-    """The knobs of the pictures (see :func:`featuremaps.render.render_grid`)."""
-
-    max_maps: int | None = 64
-    cols: int | None = None
-    map_size: int = 64
-    cmap: str = "viridis"
-    norm: str = "linear"
-    order: str | Sequence[int] = "index"
-    scale: str = "channel"
-    labels: bool = False
-    colorbar: bool = True
-    pca: int = 3
 
 
 @dataclass
@@ -68,21 +64,20 @@ class RunResult:
     manifest_data: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device: Device | str = Device.AUTO) -> torch.device:
     """``auto`` picks CUDA, then MPS, then the CPU; a named device must be available."""
-    if device == "auto":
+    dev = parse_choice(Device, device, "--device")
+    if dev == Device.AUTO:
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if device == "cuda" and not torch.cuda.is_available():
+    if dev == Device.CUDA and not torch.cuda.is_available():
         raise FeatureMapsError("--device cuda: no CUDA device here; use auto or cpu")
-    if device == "mps" and not torch.backends.mps.is_available():
+    if dev == Device.MPS and not torch.backends.mps.is_available():
         raise FeatureMapsError("--device mps: MPS is not available here; use auto or cpu")
-    if device not in ("cpu", "cuda", "mps"):
-        raise FeatureMapsError(f"--device {device!r}: use auto, cpu, cuda or mps")
-    return torch.device(device)
+    return torch.device(dev.value)
 
 
 def top_predictions(
@@ -121,6 +116,62 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip(".") or "_"
 
 
+def iter_analyze(
+    model: LoadedModel,
+    images: Sequence[str | os.PathLike[str]],
+    layers: str | Sequence[str],
+    *,
+    full: bool = False,
+    device: str = "auto",
+    with_predictions: bool = True,
+    layout: LayoutContext | None = None,
+    allow_nan: bool = False,
+    progress: Progress | None = None,
+) -> Generator[ImageResult, None, None]:
+    """Capture ``layers`` for each image (one forward each), yielding one at a time.
+
+    Only the image being yielded is held: a caller that writes and drops each result
+    runs in memory that does not grow with the number of images. Arguments as
+    :func:`analyze`.
+
+    Raises:
+        FeatureMapsError: on any bad input (image, layer, non-finite values).
+    """
+    paths = expand_inputs(images)
+    dev = resolve_device(device)
+    module = model.module.to(dev)
+    predict = with_predictions and model.is_imagenet_classifier and model.pretrained
+    for n, (path, key) in enumerate(zip(paths, _unique_keys(paths), strict=True), 1):
+        img = load_image(path, draft_size=model.preprocess.resize)
+        x = preprocess(img, model.preprocess, full=full)[None].to(dev)
+        del img
+        fm = capture(module, x, layers, full_forward=predict, layout=layout)
+        if not allow_nan:
+            _check_finite(fm, path)
+        preds = None
+        if predict and isinstance(fm.output, torch.Tensor) and fm.output.ndim == 2:
+            assert model.categories is not None  # an ImageNet classifier has them
+            preds = top_predictions(fm.output[0], model.categories)
+        fm.output = None  # the logits are read; do not keep them
+        result = ImageResult(path, key, display_image(x[0], model.preprocess), fm, preds)
+        del x
+        if progress:
+            progress("capture", n, len(paths))
+        yield result
+        del result, fm
+
+
+def _check_finite(fm: FeatureMaps, path: Path) -> None:
+    for name, t in fm.items():
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise FeatureMapsError(
+                f"layer {name!r} produced {bad} NaN/Inf value(s) on {path}: the "
+                "model's weights or input are broken. Check them, or pass "
+                "--allow-nan to draw such values in magenta."
+            )
+
+
 def analyze(
     model: LoadedModel,
     images: Sequence[str | os.PathLike[str]],
@@ -133,7 +184,9 @@ def analyze(
     allow_nan: bool = False,
     progress: Progress | None = None,
 ) -> list[ImageResult]:
-    """Capture ``layers`` for each image (one forward each).
+    """Capture ``layers`` for each image (one forward each); all results in a list.
+
+    Holds every image's maps; :func:`iter_analyze` yields them one at a time instead.
 
     Args:
         model: from :func:`featuremaps.load_model`.
@@ -149,32 +202,19 @@ def analyze(
     Raises:
         FeatureMapsError: on any bad input (image, layer, non-finite values).
     """
-    paths = expand_inputs(images)
-    dev = resolve_device(device)
-    module = model.module.to(dev)
-    predict = with_predictions and model.is_imagenet_classifier and model.pretrained
-    results: list[ImageResult] = []
-    for n, (path, key) in enumerate(zip(paths, _unique_keys(paths), strict=True), 1):
-        img = load_image(path, draft_size=model.preprocess.resize)
-        x = preprocess(img, model.preprocess, full=full)[None].to(dev)
-        fm = capture(module, x, layers, full_forward=predict, layout=layout)
-        if not allow_nan:
-            for name, t in fm.items():
-                bad = int((~torch.isfinite(t)).sum())
-                if bad:
-                    raise FeatureMapsError(
-                        f"layer {name!r} produced {bad} NaN/Inf value(s) on {path}: the "
-                        "model's weights or input are broken. Check them, or pass "
-                        "--allow-nan to draw such values in magenta."
-                    )
-        preds = None
-        if predict and isinstance(fm.output, torch.Tensor) and fm.output.ndim == 2:
-            assert model.categories is not None
-            preds = top_predictions(fm.output[0], model.categories)
-        results.append(ImageResult(path, key, display_image(x[0], model.preprocess), fm, preds))
-        if progress:
-            progress("capture", n, len(paths))
-    return results
+    return list(
+        iter_analyze(
+            model,
+            images,
+            layers,
+            full=full,
+            device=device,
+            with_predictions=with_predictions,
+            layout=layout,
+            allow_nan=allow_nan,
+            progress=progress,
+        )
+    )
 
 
 def layer_record(name: str, fm: FeatureMaps) -> dict[str, Any]:
@@ -195,6 +235,35 @@ def layer_record(name: str, fm: FeatureMaps) -> dict[str, Any]:
 def _finite_list(values: np.ndarray) -> list[float | None]:
     """Floats for JSON; NaN/Inf (only kept with ``allow_nan``) become ``null``."""
     return [float(v) if np.isfinite(v) else None for v in values]
+
+
+MAX_GRID_PIXELS = 64_000_000
+"""The largest channel grid drawn (64 megapixels, 64 MB as a palette image)."""
+
+
+def check_grid_size(name: str, shape: Sequence[int], opts: RenderOptions) -> None:
+    """Refuse a grid whose maps alone would exceed :data:`MAX_GRID_PIXELS`.
+
+    ``shape`` is the layer's ``(C, H, W)``; the count is that of the maps, upsampled as
+    :func:`featuremaps.render.render_grid` does, laid out in ``cols`` columns.
+
+    Raises:
+        FeatureMapsError: the picture would be too large; says which option to lower.
+    """
+    c, h, w = (int(v) for v in shape[-3:])
+    k = c if isinstance(opts.order, str) else len(opts.order)
+    k = min(k, opts.max_maps) if opts.max_maps else k
+    factor = max(1, round(opts.map_size / max(h, w, 1)))
+    cols = opts.cols or max(1, math.ceil(math.sqrt(k)))
+    rows = max(1, math.ceil(k / cols))
+    width, height = cols * (w * factor + 2), rows * (h * factor + 2)
+    if width * height > MAX_GRID_PIXELS:
+        raise FeatureMapsError(
+            f"layer {name!r}: {k} maps of {h}x{w} drawn at --map-size {opts.map_size} in "
+            f"{cols} columns make a {width}x{height} picture ({width * height / 1e6:.0f} "
+            f"megapixels; the limit is {MAX_GRID_PIXELS // 1_000_000}). Lower --map-size, "
+            "--max-maps or --cols."
+        )
 
 
 def run(
@@ -218,83 +287,169 @@ def run(
 
     Writes, per image, ``KEY/input.png``, ``KEY/LAYER.png`` (channel grid),
     ``KEY/pca_panel.png``, and ``manifest.json`` at the top (and
-    ``activations.safetensors`` with ``save_activations``).
+    ``activations.safetensors`` with ``save_activations``). Each image is written and
+    dropped before the next is read, so memory does not grow with the image count.
+
+    The inputs and the output folder are checked before the model is loaded; the folder
+    is locked (:func:`featuremaps._files.output_lock`) so two runs cannot write into it
+    at once. A run that fails before writing anything removes the folder it created.
+    Ctrl-C raises :class:`featuremaps.errors.Interrupted` after writing a manifest of the
+    images that were complete; no file is left half-written.
 
     Example:
         >>> from featuremaps.images import sample_image
         >>> r = run("resnet18", [sample_image()], "layer1", "out", weights="none")
     """
-    opts = options or RenderOptions()
-    if opts.pca not in (0, 1, 3):
-        raise FeatureMapsError(f"--pca {opts.pca}: use 1 (gray), 3 (RGB) or 0 (none)")
+    opts = options or RenderOptions()  # a RenderOptions is valid once built
+    paths = expand_inputs(images)
     bases: dict[str, PCABasis] | None = load_bases(pca_basis) if pca_basis else None
-    loaded = model or load_model(spec, weights)
-    results = analyze(
-        loaded,
-        images,
-        layers,
-        full=full,
-        device=device,
-        layout=layout,
-        allow_nan=allow_nan,
-        progress=progress,
-    )
     out = Path(out_dir)
-    files: list[Path] = []
+    created = not out.exists()
+    prepare_output_dir(out)
+    try:
+        with output_lock(out, "featuremaps run"):
+            return _run_locked(
+                spec,
+                paths,
+                layers,
+                out,
+                weights=weights,
+                opts=opts,
+                full=full,
+                device=device,
+                save_activations=save_activations,
+                pca_basis=pca_basis,
+                bases=bases,
+                layout=layout,
+                allow_nan=allow_nan,
+                model=model,
+                progress=progress,
+            )
+    except BaseException:
+        if created:
+            _remove_if_empty(out)
+        raise
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (something was written), or gone
+        pass
+
+
+def _run_locked(
+    spec: str,
+    paths: list[Path],
+    layers: str | Sequence[str],
+    out: Path,
+    *,
+    weights: str,
+    opts: RenderOptions,
+    full: bool,
+    device: str,
+    save_activations: bool,
+    pca_basis: str | Path | None,
+    bases: dict[str, PCABasis] | None,
+    layout: LayoutContext | None,
+    allow_nan: bool,
+    model: LoadedModel | None,
+    progress: Progress | None,
+) -> RunResult:
+    loaded = model or load_model(spec, weights)
     manifest: dict[str, Any] = {
         "model": loaded.spec,
         "weights": loaded.weights,
         "preprocess": loaded.preprocess.to_dict(),
         "full_image": full,
-        "render": {k: v if not isinstance(v, tuple) else list(v) for k, v in vars(opts).items()},
+        "render": opts.to_json(),
         "pca_basis": str(pca_basis) if pca_basis else None,
         "images": [],
     }
-    if bases is not None:
-        missing = [n for n in results[0].maps if n not in bases]
-        if missing:
-            raise FeatureMapsError(
-                f"the PCA basis file {str(pca_basis)!r} has no basis for {missing}; it has "
-                f"{sorted(bases)}"
-            )
-    tensors: dict[str, torch.Tensor] = {}
-    total = sum(len(r.maps) for r in results)
-    done = 0
-    for res in results:
-        folder = out / res.key
-        entry: dict[str, Any] = {
-            "path": str(res.path),
-            "key": res.key,
-            "input": f"{res.key}/input.png",
-            "input_size": list(res.maps.input_shape[-2:]),
-            "predictions": res.predictions,
-            "layers": {},
-        }
-        if res.predictions is None:
-            entry["predictions_note"] = predictions_note(
-                loaded.is_imagenet_classifier, loaded.pretrained
-            )
+    manifest_path = out / "manifest.json"
+    files: list[Path] = []
+    spool = _ActivationSpool(out) if save_activations else None
+    results = iter_analyze(
+        loaded, paths, layers, full=full, device=device, layout=layout, allow_nan=allow_nan
+    )
+    try:
+        for res in results:
+            if bases is not None:
+                _check_bases(bases, res.maps, pca_basis)
+            entry, written = _write_image(res, out, opts, bases, loaded, spool)
+            del res
+            manifest["images"].append(entry)
+            files.extend(written)
+            if progress:
+                progress("images", len(manifest["images"]), len(paths))
+        if spool is not None:
+            files.append(spool.finish({"model": loaded.spec}))
+            manifest["activations"] = spool.path.name
+    except KeyboardInterrupt as exc:
+        results.close()
+        done = len(manifest["images"])
+        if done:
+            manifest["interrupted"] = {"images_written": done, "images_given": len(paths)}
+            _write_file(lambda: write_json(manifest_path, manifest), manifest_path)
+        raise Interrupted(done, len(paths), out) from exc
+    finally:
+        if spool is not None:
+            spool.close()
+    _write_file(lambda: write_json(manifest_path, manifest), manifest_path)
+    files.append(manifest_path)
+    return RunResult(out, manifest_path, files, manifest)
+
+
+def _check_bases(bases: dict[str, PCABasis], maps: FeatureMaps, where: Any) -> None:
+    missing = [n for n in maps if n not in bases]
+    if missing:
+        raise FeatureMapsError(
+            f"the PCA basis file {str(where)!r} has no basis for {missing}; it has {sorted(bases)}"
+        )
+
+
+def _write_image(
+    res: ImageResult,
+    out: Path,
+    opts: RenderOptions,
+    bases: dict[str, PCABasis] | None,
+    loaded: LoadedModel,
+    spool: _ActivationSpool | None,
+) -> tuple[dict[str, Any], list[Path]]:
+    """Render and write one image's pictures; its manifest entry and files.
+
+    If anything stops it (an error, Ctrl-C), the files it wrote are removed, so an
+    image is either complete on disk or absent.
+    """
+    folder = out / res.key
+    entry: dict[str, Any] = {
+        "path": str(res.path),
+        "key": res.key,
+        "input": f"{res.key}/input.png",
+        "input_size": list(res.maps.input_shape[-2:]),
+        "predictions": res.predictions,
+        "layers": {},
+    }
+    if res.predictions is None:
+        entry["predictions_note"] = predictions_note(
+            loaded.is_imagenet_classifier, loaded.pretrained
+        )
+    files: list[Path] = []
+    mark = spool.mark() if spool is not None else 0
+    try:
+        for name in res.maps:
+            check_grid_size(name, res.maps[name].shape, opts)
         files.append(_save(Image.fromarray(res.display), folder / "input.png"))
         pcas: dict[str, np.ndarray] = {}
         for name in res.maps:
             t = res.maps[name][0]
-            grid = render_grid(
-                t,
-                max_maps=opts.max_maps,
-                cols=opts.cols,
-                map_size=opts.map_size,
-                norm=opts.norm,  # type: ignore[arg-type]
-                cmap=opts.cmap,
-                order=opts.order,
-                scale=opts.scale,
-                labels=opts.labels,
-                colorbar=opts.colorbar,
-            )
+            grid = render_grid(t, **opts.grid_kwargs())
             fname = f"{_safe(name)}.png"
             files.append(_save(grid.image, folder / fname))
             rec = layer_record(name, res.maps)
             rec["grid"] = f"{res.key}/{fname}"
             rec["grid_channels"] = grid.channels
+            del grid
             if opts.pca:
                 try:
                     basis = bases.get(name) if bases else None
@@ -302,34 +457,102 @@ def run(
                 except ReduceError as exc:
                     rec["pca_error"] = str(exc)
             entry["layers"][name] = rec
-            if save_activations:
-                tensors[f"{res.key}/{name}"] = res.maps[name].contiguous()
-            done += 1
-            if progress:
-                progress("render", done, total)
+            if spool is not None:
+                spool.add(f"{res.key}/{name}", res.maps[name])
         if pcas:
             panel = pca_panel(res.display, pcas)
             files.append(_save(panel, folder / "pca_panel.png"))
             entry["pca_panel"] = f"{res.key}/pca_panel.png"
-        manifest["images"].append(entry)
-    if save_activations:
-        from safetensors.torch import save_file
+    except BaseException:
+        for f in files:
+            f.unlink(missing_ok=True)
+        _remove_if_empty(folder)
+        if spool is not None:
+            spool.rewind(mark)
+        raise
+    return entry, files
 
-        target = out / "activations.safetensors"
-        with atomic_path(target) as tmp:
-            save_file(
-                tensors,
-                str(tmp),
-                metadata={"model": loaded.spec, "keys": json.dumps(list(tensors))},
-            )
-        files.append(target)
-        manifest["activations"] = "activations.safetensors"
-    manifest_path = out / "manifest.json"
-    write_json(manifest_path, manifest)
-    files.append(manifest_path)
-    return RunResult(out, manifest_path, files, manifest)
+
+class _ActivationSpool:
+    """Writes ``activations.safetensors`` without holding every image's tensors.
+
+    Each tensor's bytes go to an anonymous temporary file as it comes; :meth:`finish`
+    writes the safetensors header (which needs every name, shape and offset) and then
+    copies the bytes after it, under a temporary name renamed at the end.
+    """
+
+    _DTYPES: ClassVar[dict[torch.dtype, str]] = {
+        torch.float32: "F32",
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.float64: "F64",
+    }
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / "activations.safetensors"
+        self._data = tempfile.TemporaryFile(  # noqa: SIM115 (closed by close())
+            dir=out, prefix=".activations.", suffix=".part"
+        )
+        self._header: dict[str, Any] = {}
+        self._size = 0
+
+    def mark(self) -> int:
+        return len(self._header)
+
+    def rewind(self, mark: int) -> None:
+        """Forget the tensors added after ``mark`` (those of an image not written)."""
+        names = list(self._header)[mark:]
+        if names:
+            self._size = self._header[names[0]]["data_offsets"][0]
+            for name in names:
+                del self._header[name]
+            self._data.truncate(self._size)
+            self._data.seek(self._size)
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        t = t.detach().cpu()
+        if t.dtype not in self._DTYPES:
+            t = t.float()
+        data = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        self._data.write(data)
+        self._header[name] = {
+            "dtype": self._DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [self._size, self._size + len(data)],
+        }
+        self._size += len(data)
+
+    def finish(self, metadata: dict[str, str]) -> Path:
+        header = {
+            "__metadata__": {**metadata, "keys": json.dumps(list(self._header))},
+            **self._header,
+        }
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self._data.flush()
+        self._data.seek(0)
+
+        def write() -> None:
+            with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
+                f.write(struct.pack("<Q", len(raw)))
+                f.write(raw)
+                shutil.copyfileobj(self._data, f, 1 << 20)
+
+        _write_file(write, self.path)
+        return self.path
+
+    def close(self) -> None:
+        self._data.close()
+
+
+def _write_file(write: Callable[[], None], path: Path) -> None:
+    """Run ``write``; an OSError becomes one line naming ``path`` and the cause."""
+    try:
+        write()
+    except OSError as exc:
+        raise FeatureMapsError(f"cannot write {describe_os_error(exc, path)}") from exc
 
 
 def _save(img: Any, path: Path) -> Path:
-    save_image(img, path, optimize=False, compress_level=3)
+    _write_file(lambda: save_image(img, path, optimize=False, compress_level=3), path)
     return path

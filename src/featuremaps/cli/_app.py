@@ -1,10 +1,16 @@
-"""What every command shares: the Typer app, the consoles, common options, progress."""
+"""What every command shares: the Typer app, the consoles, common options, progress.
+
+Text that comes from the user or the file system (paths, layer and model names, error
+messages) is never read as rich markup: print it with :func:`plain` or ``markup=False``.
+"""
 
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
@@ -20,6 +26,7 @@ from rich.progress import (
 from rich.text import Text
 
 from ..errors import FeatureMapsError
+from ..options import Device
 
 app = typer.Typer(
     add_completion=False,
@@ -28,8 +35,24 @@ app = typer.Typer(
     rich_markup_mode=None,
     help="See what a vision network sees at every layer.",
 )
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160, highlight=False)
+err = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+@dataclass
+class Settings:
+    """Global flags, set by the root callback before any command runs."""
+
+    debug: bool = False
+
+
+settings = Settings()
+
+
+def plain(*parts: str | tuple[str, str]) -> Text:
+    """A line from plain strings and ``(text, style)`` pairs; no markup is read."""
+    return Text.assemble(*parts)
+
 
 ModelArg = Annotated[
     str,
@@ -54,7 +77,7 @@ LayersOpt = Annotated[
         help="Comma-separated names, globs (layer*) or presets (stages, blocks, convs).",
     ),
 ]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
+DeviceOpt = Annotated[Device, typer.Option(help="Where the model runs (auto: CUDA, MPS, CPU).")]
 TokensGridOpt = Annotated[
     str | None, typer.Option("--tokens-grid", help="Patch grid HxW of token outputs.")
 ]
@@ -65,9 +88,10 @@ PrefixOpt = Annotated[
 
 @app.callback()
 def _root(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
 ) -> None:
     """See what a vision network sees at every layer."""
+    settings.debug = debug
 
 
 class _Rate(ProgressColumn):
@@ -80,10 +104,15 @@ class _Rate(ProgressColumn):
 
 @contextmanager
 def progress_bar(enabled: bool = True, rate: bool = False) -> Iterator[Any]:
-    """A rich progress bar (with items/s if ``rate``); yields the library's callback."""
+    """A rich progress bar (with items/s if ``rate``); yields the library's callback.
+
+    It is drawn only on a terminal: elsewhere (a pipe, a log file) rich would leave a
+    blank line where the bar was, which would open every later message.
+    """
     columns: list[Any] = [TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn()]
     if rate:
         columns.append(_Rate())
+    enabled = enabled and err.is_terminal
     bar = Progress(*columns, TimeElapsedColumn(), console=err, transient=True, disable=not enabled)
     tasks: dict[str, Any] = {}
 
@@ -94,6 +123,19 @@ def progress_bar(enabled: bool = True, rate: bool = False) -> Iterator[Any]:
 
     with bar:
         yield update
+
+
+@contextmanager
+def warnings_shown() -> Iterator[None]:
+    """Print each warning the library raises as one plain ``warning:`` line on stderr."""
+
+    def show(message: Any, *args: Any, **kwargs: Any) -> None:
+        err.print(plain(("warning:", "yellow"), f" {message}"))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield
 
 
 def token_layout(tokens_grid: str | None, prefix_tokens: int | None) -> Any:
