@@ -302,3 +302,82 @@ def test_sign_and_basis_are_stable_across_runs_and_orders() -> None:
     np.testing.assert_allclose(ab.components, ba.components, atol=1e-6)
     idx = np.abs(ab.components).argmax(1)
     assert (ab.components[np.arange(3), idx] > 0).all()
+
+
+# -- real models -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pasted_photo_maps() -> tuple[dict[str, torch.Tensor], tuple[int, int, int, int]]:
+    """EfficientNet-Lite0's stage maps of the cat photo pasted onto a flat grey canvas."""
+    from PIL import Image
+
+    import featuremaps as fm
+
+    m = fm.load_model("efficientnet_lite0")
+    photo = fm.load_image(fm.sample_image("cat")).resize((112, 112))
+    canvas = Image.new("RGB", (224, 224), (128, 128, 128))
+    canvas.paste(photo, (56, 56))
+    x = fm.preprocess(canvas, m.preprocess)[None]
+    maps = fm.capture(m.module, x, ["_blocks.2", "_blocks.4", "_blocks.10"])
+    return dict(maps.items()), (56, 56, 168, 168)
+
+
+@pytest.mark.slow
+def test_auto_foreground_keeps_the_pasted_photo(pasted_photo_maps) -> None:
+    maps, (x0, y0, x1, y1) = pasted_photo_maps
+    for name, t in maps.items():
+        h, w = t.shape[2:]
+        box = np.zeros((h, w), bool)
+        box[y0 * h // 224 : y1 * h // 224, x0 * w // 224 : x1 * w // 224] = True
+        res = pca_fit(t, foreground="auto")
+        fg = res.foreground[0]
+        iou = (fg & box).sum() / (fg | box).sum()
+        assert iou > (0.55 if h >= 28 else 0.4), (name, iou)
+        assert (res.rgb[0][~fg] == 0).all()  # the background is black
+        # The plain PCA draws the grey background in colour.
+        assert pca_rgb(t)[~box].max() > 0.2
+        # Stable across runs, and one basis draws the same picture again.
+        again = pca_fit(t.clone(), foreground="auto")
+        np.testing.assert_array_equal(again.rgb, res.rgb)
+        np.testing.assert_array_equal(res.basis.to_rgb(t), res.rgb[0])
+
+
+@pytest.mark.slow
+def test_vit_register_tokens_with_planted_high_norm_tokens() -> None:
+    """A timm DINOv2-register ViT (random weights): register tokens are not on the map;
+    patch tokens made 30x longer inside the network are found and left out."""
+    timm = pytest.importorskip("timm")
+    import featuremaps as fm
+
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "vit_small_patch14_reg4_dinov2", pretrained=False, img_size=98, depth=4, num_classes=0
+    ).eval()
+    planted = [9, 30]  # patch indices on the 7x7 grid
+
+    def plant(module, args, out):
+        out = out.clone()
+        prefix = vit.num_prefix_tokens
+        for p in planted:
+            out[:, prefix + p] *= 30.0
+        return out
+
+    x = torch.randn(1, 3, 98, 98)
+    handle = vit.blocks[1].register_forward_hook(plant)
+    try:
+        maps = fm.capture(vit, x, ["blocks.2"])
+    finally:
+        handle.remove()
+    t = maps["blocks.2"]
+    assert tuple(t.shape) == (1, 384, 7, 7)  # 4 register tokens and the class token dropped
+    res = pca_fit(t, outliers=6, foreground="auto")
+    assert {(0, p // 7, p % 7) for p in planted} <= set(res.outlier_positions)
+    assert res.outlier_count <= 4
+    # The colour range comes from the other tokens: they span it, the planted ones clip.
+    inl = ~res.outliers[0] & res.foreground[0]
+    assert np.ptp(res.rgb[0][inl], axis=0).min() > 0.999
+    # Without the option the two planted tokens take the first two components and the
+    # other tokens are squeezed into a sliver of their colour range.
+    plain = pca_rgb(t)
+    assert np.ptp(plain[~res.outliers[0]][:, :2], axis=0).max() < 0.1
