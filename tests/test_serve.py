@@ -20,6 +20,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
 from featuremaps import capture, load_image, load_model, preprocess, sample_image
+from featuremaps.options import Norm, Order, Scale
 from featuremaps.reduce import apply_scaling, compute_scaling, select_channels
 from featuremaps.render import colorize, upsample
 from featuremaps.serve import LRU, create_app
@@ -300,6 +301,31 @@ def test_grid_header_maps_clicks_to_channels(client: TestClient, lite: str, refe
     expected = upsample(colorize(apply_scaling(m, compute_scaling(m))[0], "viridis"), 2)
     cell = img[y0:y1, x0:x1]
     assert (np.abs(cell.astype(int) - expected.astype(int)) > 0).mean() < 0.01
+
+
+def test_config_offers_every_channel_order_of_the_options_module(client: TestClient) -> None:
+    cfg = client.get("/api/config").json()
+    assert cfg["orders"] == [o.value for o in Order] and "variance" in cfg["orders"]
+    assert cfg["order_labels"]["variance"] == Order.VARIANCE.describe()
+    assert cfg["norms"] == [n.value for n in Norm] and cfg["scales"] == [s.value for s in Scale]
+
+
+def test_variance_order_ranks_channels_by_spatial_variance(
+    client: TestClient, lite: str, reference: Any
+) -> None:
+    r = client.get(
+        f"/api/captures/{lite}/grid.png",
+        params={"layer": "_blocks.4", "order": "variance", "max_maps": 8},
+    )
+    png(r)
+    meta = json.loads(r.headers["x-featuremaps-grid"])
+    flat = reference["_blocks.4"][0].numpy().reshape(40, -1).astype(np.float64)
+    var = ((flat - flat.mean(1, keepdims=True)) ** 2).mean(1)
+    assert meta["channels"] == np.argsort(-var, kind="stable")[:8].tolist()
+    listed = client.get(
+        f"/api/captures/{lite}/grid.png", params={"layer": "_blocks.4", "order": "7,3,12"}
+    )
+    assert json.loads(listed.headers["x-featuremaps-grid"])["channels"] == [7, 3, 12]
 
 
 def test_overlay_and_pca_pictures(client: TestClient, lite: str) -> None:

@@ -28,6 +28,10 @@ def serve(
         typer.Option(help="Accept package.module:factory and TorchScript specs (run code)."),
     ] = False,
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload in MB.", min=0.01)] = 20.0,
+    max_decodes: Annotated[
+        int,
+        typer.Option(help="Uploads decoded at once; more get 503 with a retry hint.", min=1),
+    ] = 2,
     device: Annotated[str, typer.Option(help="cpu, cuda or mps.")] = "cpu",
 ) -> None:
     """Start the local interactive viewer (needs the extra featuremaps[serve])."""
@@ -52,6 +56,7 @@ def serve(
         port,
         allow_code_models=allow_code_models,
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        max_decodes=max_decodes,
         device=device,
         guard=guard,
     )

@@ -131,6 +131,7 @@ def config_route(state: State) -> ConfigOut:
         cmaps=list(CMAPS),
         norms=[m.value for m in Norm],
         orders=[m.value for m in Order],
+        order_labels={m.value: m.describe() for m in Order},
         scales=[m.value for m in Scale],
         allow_code_models=state.config.allow_code_models,
         max_upload_bytes=state.config.max_upload_bytes,
@@ -175,6 +176,7 @@ def run_server(
     *,
     allow_code_models: bool = False,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+    max_decodes: int = DEFAULT_MAX_DECODES,
     device: str = "cpu",
     log_level: str = "info",
     allow_hosts: Sequence[str] = (),
@@ -188,6 +190,7 @@ def run_server(
         port: TCP port.
         allow_code_models: accept model specs that run code.
         max_upload_bytes: largest upload.
+        max_decodes: uploads decoded at once (more get 503 with ``Retry-After``).
         device: where models run.
         log_level: uvicorn's log level.
         allow_hosts: ``Host`` names accepted beside the loopback ones.
@@ -198,5 +201,7 @@ def run_server(
 
     bind = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     guard = guard or Guard.for_bind(bind, port, allow_hosts)
-    app = create_app(allow_code_models, max_upload_bytes, device=device, guard=guard)
+    app = create_app(
+        allow_code_models, max_upload_bytes, max_decodes=max_decodes, device=device, guard=guard
+    )
     uvicorn.run(app, host=bind, port=port, log_level=log_level)

@@ -45,6 +45,7 @@ class ServerState:
 
     def close(self) -> None:
         self.jobs.close()
+        self.decoder.close()
 
 
 def get_state(request: Request) -> ServerState:

@@ -59,6 +59,7 @@ class ConfigOut(BaseModel):
     cmaps: list[str]
     norms: list[str]
     orders: list[str]
+    order_labels: dict[str, str]
     scales: list[str]
     allow_code_models: bool
     max_upload_bytes: int

@@ -100,13 +100,23 @@
       list.append(o);
     }
     $("model-input").value = state.config.default_model;
-    const cmap = $("cmap-select");
-    for (const name of state.config.cmaps) {
-      const o = el("option", null, name);
-      o.value = name;
-      cmap.append(o);
-    }
+    fillSelect($("cmap-select"), state.config.cmaps);
+    // the view options come from the server (featuremaps.options): a new one shows up here
+    fillSelect($("norm-select"), state.config.norms);
+    fillSelect($("order-select"), state.config.orders, state.config.order_labels);
+    fillSelect($("scale-select"), state.config.scales, SCALE_LABELS);
     syncWeights();
+  }
+
+  const SCALE_LABELS = { channel: "per channel", layer: "shared by layer" };
+
+  function fillSelect(select, values, labels) {
+    select.replaceChildren();
+    for (const v of values) {
+      const o = el("option", null, (labels && labels[v]) || v);
+      o.value = v;
+      select.append(o);
+    }
   }
 
   function syncWeights() {

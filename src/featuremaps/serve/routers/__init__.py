@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from . import captures, images, pages, pictures
+from .captures import router as captures_router
+from .images import router as images_router
+from .pages import router as pages_router
+from .pictures import router as pictures_router
 
-ROUTERS = (pages.router, images.router, captures.router, pictures.router)
+ROUTERS = (pages_router, images_router, captures_router, pictures_router)
 """Every router, in the order the app includes them."""
 
 __all__ = ["ROUTERS"]
