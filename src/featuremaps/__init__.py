@@ -18,6 +18,7 @@ from .models import LoadedModel, Preprocess, available_models, load_model
 from .options import RenderOptions
 from .pipeline import analyze, run
 from .reduce import PCAAccumulator, PCABasis, channel_stats, pca_basis, pca_rgb
+from .relevance import Relevance, relevance
 from .render import channel_grid, overlay, pca_panel, render_grid, show
 from .visualize import Objective, Transforms, Visualization, Visualizations, visualize
 
@@ -39,6 +40,7 @@ __all__ = [
     "PCABasis",
     "Preprocess",
     "ReduceError",
+    "Relevance",
     "RenderOptions",
     "SkippedImageWarning",
     "Transforms",
@@ -60,6 +62,7 @@ __all__ = [
     "pca_panel",
     "pca_rgb",
     "preprocess",
+    "relevance",
     "render_grid",
     "run",
     "sample_image",

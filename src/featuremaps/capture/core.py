@@ -35,6 +35,7 @@ from .layout import (
     LayoutKind,
     LayoutTracker,
     check_input_size,
+    map_tensors,
     normalize_output,
 )
 from .select import (
@@ -92,18 +93,16 @@ class _StopForward(Exception):
 
 def _copy_output(output: Any) -> Any:
     """Detach and copy every tensor of an output to the CPU, keeping its structure."""
-    if isinstance(output, torch.Tensor):
-        return output.detach().to("cpu", copy=True)
-    if isinstance(output, Mapping):
-        return {k: _copy_output(v) for k, v in output.items()}
-    if isinstance(output, list):
-        return [_copy_output(v) for v in output]
-    if isinstance(output, tuple):
-        return tuple(_copy_output(v) for v in output)
-    return output
+    return map_tensors(output, lambda t: t.detach().to("cpu", copy=True))
+
+
+def _clone_output(output: Any) -> Any:
+    """Clone every tensor of an output (in the autograd graph), keeping its structure."""
+    return map_tensors(output, torch.clone)
 
 
 Entries = list[tuple[LayerKey, torch.Tensor | None, LayerInfo]]
+Picked = list[tuple[LayerKey, torch.Tensor, LayerInfo]]
 
 
 class Capture:
@@ -126,6 +125,12 @@ class Capture:
     while the model's modules stay the same; with ``example_input`` given and decisions
     kept for it, only the requested layers are hooked. Should the forward then run on
     another kind of input, every module is hooked from its start after all.
+
+    With ``keep_graph=True`` (for gradients, see :func:`featuremaps.relevance`) each
+    requested output is kept as the module returned it, in the autograd graph, and the
+    rest of the forward is handed a clone: an in-place op that follows (VGG's
+    ``ReLU(inplace=True)``) changes the clone, never the kept output, so the gradient
+    taken with respect to :attr:`raw` is the gradient of what the module returned.
     """
 
     def __init__(
@@ -137,8 +142,10 @@ class Capture:
         early_stop: bool = False,
         eval_mode: bool = True,
         layout: LayoutContext | None = None,
+        keep_graph: bool = False,
     ) -> None:
         self.model = model
+        self.keep_graph = keep_graph
         probe = None
         if needs_probe(layers):
             if example_input is None:
@@ -218,15 +225,17 @@ class Capture:
             plan[base] = needed
         self._stop_after = plan
 
-    def _hook_for(self, base: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+    def _hook_for(self, base: str) -> Callable[..., Any]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
             if self._root_calls > 1:
-                return  # a later forward of the model: the maps are those of the first
-            self._raw.setdefault(base, []).append(_copy_output(output))
+                return None  # a later forward of the model: the maps are those of the first
+            kept = output if self.keep_graph else _copy_output(output)
+            self._raw.setdefault(base, []).append(kept)
             plan = self._stop_after
             if plan is not None and all(len(self._raw.get(b, ())) >= n for b, n in plan.items()):
                 self._stopped = True
                 raise _StopForward
+            return _clone_output(output) if self.keep_graph else None
 
         return hook
 
@@ -275,8 +284,44 @@ class Capture:
     def maps(self) -> FeatureMaps:
         """The captured maps (after the forward has run)."""
         if self._maps is None:
-            self._maps = self._collect()
+            self._maps = self.collect()
         return self._maps
+
+    @property
+    def raw(self) -> dict[str, list[Any]]:
+        """What each hooked module returned, per call: CPU copies, or with ``keep_graph``
+        the outputs themselves. Keyed by the module's name as requested."""
+        return self._raw
+
+    def collect(self, raw: Mapping[str, list[Any]] | None = None) -> FeatureMaps:
+        """The maps of the requested outputs, checked, in request order.
+
+        Args:
+            raw: structures shaped like :attr:`raw` to lay out the same way (gradients
+                with respect to the outputs, say); by default :attr:`raw` itself.
+
+        Raises:
+            LayerError: a layer that never ran, a call it did not make, an entry it does
+                not have, or an output that is not a spatial map.
+        """
+        missing = [b for b in self._bases if not self._raw.get(b)]
+        if missing:
+            raise LayerError(
+                f"layer(s) {', '.join(missing)} never ran during the forward pass "
+                "(not used by forward(), or the forward stopped before them)"
+            )
+        ctx = self._context()
+        values = self._raw if raw is None else raw
+        normalized: dict[tuple[str, int | None, int], Entries] = {}
+        maps: dict[str, torch.Tensor] = {}
+        info: dict[str, LayerInfo] = {}
+        for sel in self.selections:
+            for key, m, li in self._outputs_of(sel, ctx, values, normalized):
+                name = str(key)
+                if name not in maps:
+                    maps[name] = m.contiguous()
+                    info[name] = li
+        return FeatureMaps(maps=maps, info=info)
 
     def _layouts(self) -> dict[Any, Layout]:
         """The layout decisions for the captured outputs: tracked now, or kept from before."""
@@ -307,33 +352,15 @@ class Capture:
             layouts=self._layouts(),
         )
 
-    def _collect(self) -> FeatureMaps:
-        missing = [b for b in self._bases if not self._raw.get(b)]
-        if missing:
-            raise LayerError(
-                f"layer(s) {', '.join(missing)} never ran during the forward pass "
-                "(not used by forward(), or the forward stopped before them)"
-            )
-        ctx = self._context()
-        normalized: dict[tuple[str, int | None, int], Entries] = {}
-        maps: dict[str, torch.Tensor] = {}
-        info: dict[str, LayerInfo] = {}
-        for sel in self.selections:
-            for key, m, li in self._outputs_of(sel, ctx, normalized):
-                name = str(key)
-                if name not in maps:
-                    maps[name] = m.contiguous()
-                    info[name] = li
-        return FeatureMaps(maps=maps, info=info)
-
     def _outputs_of(
         self,
         sel: Selection,
         ctx: LayoutContext,
+        values: Mapping[str, list[Any]],
         normalized: dict[tuple[str, int | None, int], Entries],
-    ) -> list[tuple[LayerKey, torch.Tensor, LayerInfo]]:
+    ) -> Picked:
         """The maps ``sel`` asks for, checked; ``normalized`` keeps each call's entries."""
-        seen = self._raw[sel.module]
+        seen = values[sel.module]
         if sel.call is not None and sel.call > len(seen):
             calls = ", ".join(f"{sel.module}:{j}" for j in range(1, len(seen) + 1))
             raise LayerError(
@@ -341,7 +368,7 @@ class Capture:
                 f"(its calls: {calls})"
             )
         total = len(seen) if not self._stopped else self._known_calls.get(sel.module)
-        picked: list[tuple[LayerKey, torch.Tensor, LayerInfo]] = []
+        picked: Picked = []
         for j in [sel.call] if sel.call is not None else range(1, len(seen) + 1):
             shown = j if sel.call is not None or len(seen) > 1 else None
             slot = (sel.module, shown, j)
@@ -356,9 +383,6 @@ class Capture:
                 )
             picked.extend(_pick_entries(sel, normalized[slot]))
         return picked
-
-
-Picked = list[tuple[LayerKey, torch.Tensor, LayerInfo]]
 
 
 def _pick_entries(sel: Selection, entries: Entries) -> Picked:

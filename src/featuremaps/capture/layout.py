@@ -169,7 +169,7 @@ class LayoutContext:
     layouts: dict[OutputKey, Layout] = field(default_factory=dict, repr=False, compare=False)
 
 
-def _tensors_of(output: Any, depth: int = 0) -> list[tuple[Entry, torch.Tensor]]:
+def tensors_of(output: Any, depth: int = 0) -> list[tuple[Entry, torch.Tensor]]:
     """Entries of a (possibly nested) output that are tensors, with their keys.
 
     A tensor has the entry ``()``; entries of dicts, tuples and lists get ``(key,)``
@@ -186,9 +186,31 @@ def _tensors_of(output: Any, depth: int = 0) -> list[tuple[Entry, torch.Tensor]]
         items = list(enumerate(output))
     found: list[tuple[Entry, torch.Tensor]] = []
     for key, value in items:
-        for sub, t in _tensors_of(value, depth + 1):
+        for sub, t in tensors_of(value, depth + 1):
             found.append(((str(key), *sub), t))
     return found
+
+
+def map_tensors(output: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``output`` with every tensor ``t`` replaced by ``fn(t)``, its structure kept.
+
+    Dicts, lists and tuples (named tuples too) are rebuilt as their own type; anything
+    else is returned as it is.
+    """
+    if isinstance(output, torch.Tensor):
+        return fn(output)
+    if isinstance(output, Mapping):
+        items = [(k, map_tensors(v, fn)) for k, v in output.items()]
+        kind: Any = type(output)
+        try:
+            return kind(items)
+        except TypeError:
+            return dict(items)
+    if isinstance(output, tuple) and hasattr(output, "_fields"):
+        return type(output)(*(map_tensors(v, fn) for v in output))
+    if isinstance(output, (tuple, list)):
+        return type(output)(map_tensors(v, fn) for v in output)
+    return output
 
 
 # Channels-last detection. A 4-D output is read as NCHW unless the model says otherwise.
@@ -388,7 +410,7 @@ class LayoutTracker:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             frame = self._pop(module)
             call = self.calls[name] = self.calls.get(name, 0) + 1
-            for entry, t in _tensors_of(output):
+            for entry, t in tensors_of(output):
                 if t.ndim != 4:
                     continue
                 decided = self._decide(module, t, frame)
@@ -470,7 +492,7 @@ class LayoutRecord:
         """
         found: dict[OutputKey, Layout] = {}
         for (name, call), output in outputs.items():
-            for entry, t in _tensors_of(output):
+            for entry, t in tensors_of(output):
                 if t.ndim != 4:
                     continue
                 key = (name, call, entry)
@@ -745,7 +767,7 @@ def normalize_output(
         calls: how many times the module ran (``None``: not known).
     """
     mtype = type(module).__name__
-    found = _tensors_of(output)
+    found = tensors_of(output)
     src = source or (key.module, key.call or 1)
     if not found:
         why = Layout(LayoutKind.NOT_SPATIAL, f"output is {type(output).__name__}", hint=_PICK_HINT)
