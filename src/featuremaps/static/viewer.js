@@ -332,7 +332,7 @@
     img.dataset.channels = JSON.stringify(meta.channels);
     img.dataset.boxes = JSON.stringify(meta.boxes);
     const info = state.layerInfo;
-    const orderText = v.order === "top" ? "highest mean first" : "by index";
+    const orderText = (state.config.order_labels || {})[v.order] || v.order;
     const scaleText =
       v.scale === "channel"
         ? "each map coloured from its own min to its own max"
