@@ -1,21 +1,34 @@
 """The dataset of an atlas: which images, in which order, and how a batch is decoded.
 
 A dataset is a folder (searched recursively), a glob pattern, an image file, a text file
-that lists images, or a sequence of these. Images are identified by their path string;
-the canonical order is the sorted strings, and the batches are fixed chunks of
-``batch_size`` consecutive images of that order (:class:`Plan`), whatever the engine.
+that lists images, or a sequence of these. Each may also be an fsspec URL
+(``s3://bucket/photos/``, ``gs://bucket/*.jpg``, ``s3://bucket/list.txt``; extra
+``featuremaps[storage]`` for S3): a prefix is listed recursively, a list file may name
+URLs, and the images are read wherever the batch is decoded (a DataLoader worker, a Ray
+actor). Credentials and endpoints come from the environment as the cloud SDKs read them
+(for S3: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``,
+``AWS_ENDPOINT_URL_S3`` for an S3-compatible server).
+
+Images are identified by their path or URL string; the canonical order is the sorted
+strings, and the batches are fixed chunks of ``batch_size`` consecutive images of that
+order (:class:`Plan`), whatever the engine.
 """
 
 from __future__ import annotations
 
+import glob
 import os
-from collections.abc import Sequence
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..errors import ImageError
 from ..images import IMAGE_SUFFIXES, expand_inputs, load_image, preprocess
@@ -30,15 +43,17 @@ def dataset_paths(data: DataSpec) -> list[str]:
 
     Args:
         data: a folder (searched recursively), a glob pattern, an image file, a text file
-            listing one path per line (blank lines and ``#`` comments ignored; relative
-            paths are relative to the list's folder), or a sequence of these.
+            listing one path or URL per line (blank lines and ``#`` comments ignored;
+            relative paths are relative to the list's folder), or a sequence of these;
+            each may be an fsspec URL (a prefix, a glob, an image or a list file).
 
     Returns:
         Path strings sorted as strings. Listed files are not checked here: a missing one
         is skipped and counted like any unreadable image.
 
     Raises:
-        ImageError: a folder or pattern matches no image, or the dataset is empty.
+        ImageError: a folder, prefix or pattern matches no image, the dataset is empty,
+            or the object store refuses or fails (one line naming the URL).
 
     Example:
         >>> dataset_paths("photos/")  # doctest: +SKIP
@@ -47,6 +62,9 @@ def dataset_paths(data: DataSpec) -> list[str]:
     items = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     found: set[str] = set()
     for item in items:
+        if is_url(item):
+            found.update(_url_images(str(item)))
+            continue
         path = Path(item)
         if path.is_file() and path.suffix.lower() not in IMAGE_SUFFIXES:
             found.update(_read_list(path))
@@ -64,11 +82,134 @@ def _read_list(path: Path) -> list[str]:
         raise ImageError(f"cannot read the list of images {str(path)!r}: {exc}") from exc
     base = path.parent
     out = []
-    for line in lines:
-        entry = line.strip()
-        if entry and not entry.startswith("#"):
+    for entry in _entries(lines):
+        if is_url(entry):
+            out.append(entry)
+        else:
             out.append(str(Path(entry) if Path(entry).is_absolute() else base / entry))
     return out
+
+
+def _entries(lines: Sequence[str]) -> list[str]:
+    """The entries of a list file: stripped lines, without blanks and ``#`` comments."""
+    return [e for e in (line.strip() for line in lines) if e and not e.startswith("#")]
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(item: str | os.PathLike[str]) -> bool:
+    """Whether ``item`` is a URL (``scheme://...``) rather than a local path."""
+    return isinstance(item, str) and bool(_URL.match(item))
+
+
+def _filesystem(url: str) -> tuple[Any, str]:
+    """The fsspec file system of ``url`` and the path within it."""
+    try:
+        import fsspec
+    except ImportError:
+        raise ImageError(f"{url}: reading URLs needs fsspec: pip install 'featuremaps[storage]'")
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as exc:
+        raise ImageError(
+            f"{url}: {exc} (for s3:// install 'featuremaps[storage]'; other stores need "
+            "their fsspec package, such as gcsfs or adlfs)"
+        ) from exc
+
+
+def _storage_error(url: str, exc: BaseException) -> ImageError:
+    """One line for a failure of the object store (missing object, denied, unreachable)."""
+    if isinstance(exc, FileNotFoundError):
+        return ImageError(f"{url}: no such object, prefix or bucket")
+    if isinstance(exc, PermissionError):
+        return ImageError(
+            f"{url}: access denied ({exc}); check the credentials in the environment "
+            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE for s3://)"
+        )
+    name = type(exc).__name__
+    if "credential" in f"{name} {exc}".lower():
+        return ImageError(
+            f"{url}: no usable credentials ({exc}); set them in the environment "
+            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE for s3://)"
+        )
+    return ImageError(f"{url}: the store failed ({name}: {exc})")
+
+
+def _url_images(url: str) -> list[str]:
+    """The image URLs under a prefix, matching a glob, named by a list file, or ``url``."""
+    fs, path = _filesystem(url)
+    try:
+        if glob.has_magic(path):
+            hits = [p for p in fs.glob(path) if _is_image(p)]
+            if not hits:
+                raise ImageError(f"pattern {url!r} matches no image")
+        elif _is_image(path):
+            if not fs.isfile(path):
+                raise FileNotFoundError(path)
+            hits = [path]
+        elif url.endswith("/") or fs.isdir(path):
+            hits = [p for p in fs.find(path) if _is_image(p)]
+            if not hits:
+                raise ImageError(f"{url} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        elif fs.isfile(path):
+            text = fs.cat_file(path).decode("utf-8")
+            base = url.rsplit("/", 1)[0]
+            return [e if is_url(e) else f"{base}/{e}" for e in _entries(text.splitlines())]
+        else:
+            raise FileNotFoundError(path)
+    except ImageError:
+        raise
+    except UnicodeDecodeError as exc:
+        raise ImageError(f"cannot read the list of images {url!r}: {exc}") from exc
+    except Exception as exc:  # each store raises its own kinds (botocore, aiohttp, ...)
+        raise _storage_error(url, exc) from exc
+    return [fs.unstrip_protocol(p) for p in hits]
+
+
+def _is_image(path: str) -> bool:
+    return PurePosixPath(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def read_image(path: str, draft_size: int | None = None) -> Image.Image:
+    """Open a local image or an image URL as 8-bit RGB (see :func:`load_image`).
+
+    A URL's bytes are read with fsspec into memory and decoded from there; errors name
+    the URL.
+
+    Raises:
+        ImageError: the file or object is missing, unreadable, or not an image.
+    """
+    if not is_url(path):
+        return load_image(path, draft_size=draft_size)
+    fs, inner = _filesystem(path)
+    try:
+        data = fs.cat_file(inner)
+    except Exception as exc:  # the store's own kinds
+        raise _storage_error(path, exc) from exc
+    with _in_memory_file(data) as local:
+        try:
+            return load_image(local, draft_size=draft_size)
+        except ImageError as exc:
+            raise ImageError(str(exc).replace(local, path)) from exc
+
+
+@contextmanager
+def _in_memory_file(data: bytes) -> Iterator[str]:
+    """A path whose content is ``data``: an anonymous memory file on Linux, else a
+    temporary file."""
+    if hasattr(os, "memfd_create") and Path("/proc/self/fd").is_dir():
+        fd = os.memfd_create("featuremaps-image")
+        try:
+            os.write(fd, data)
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    with tempfile.NamedTemporaryFile(prefix="featuremaps-") as tmp:
+        tmp.write(data)
+        tmp.flush()
+        yield tmp.name
 
 
 def fixed_size(pp: Preprocess) -> Preprocess:
@@ -119,7 +260,7 @@ def load_images(index: int, first: int, paths: Sequence[str], pp: Preprocess) ->
     bad: list[tuple[int, str]] = []
     for i, path in enumerate(paths):
         try:
-            img = load_image(path, draft_size=pp.resize)
+            img = read_image(path, draft_size=pp.resize)
             tensors.append(preprocess(img, pp))
             ids.append(first + i)
         except ImageError as exc:
