@@ -20,7 +20,7 @@ import pytest
 
 from featuremaps import analyze, load_model, sample_image
 from featuremaps.reduce import select_channels
-from featuremaps.render import colormap_lut
+from featuremaps.render import LEVEL_LUT, LEVELS, colormap_lut, level_index
 from featuremaps.report import quantize, write_report
 
 pytestmark = pytest.mark.browser
@@ -165,6 +165,71 @@ def test_report_opens_offline_and_enlarges_a_channel(page: Any, report: tuple[Pa
     assert page.errors == []  # type: ignore[attr-defined]
     offline = [u for u in requests if not u.startswith(("file:", "data:", "blob:"))]
     assert offline == [], offline
+
+
+def test_report_levels_are_computed_as_render_does(page: Any, report: tuple[Path, Any]) -> None:
+    """The page's level rounding is render.level_index, bit for bit, in float32 and float64;
+    the colorbar and the layer-scale colours follow from it and the embedded LEVEL_LUT."""
+    path, _ = report
+    page.goto(path.as_uri())
+    page.wait_for_selector("body[data-ready='1']")
+    rng = np.random.default_rng(0)
+    ties = (np.arange(LEVELS - 1) + 0.5) / (LEVELS - 1)  # exactly between two levels
+    s64 = np.concatenate(
+        [[0.0, 1.0], rng.random(2000), ties, np.nextafter(ties, 0), np.nextafter(ties, 1)]
+    )
+    s32 = np.concatenate([s64.astype(np.float32), np.nextafter(ties.astype(np.float32), 2)])
+    got = page.evaluate(
+        "([a, b, n]) => [a.map(s => featuremapsCommon.levelIndex(s, n, true)),"
+        " b.map(s => featuremapsCommon.levelIndex(s, n, false))]",
+        [s32.astype(np.float64).tolist(), s64.tolist(), LEVELS],
+    )
+    np.testing.assert_array_equal(got[0], level_index(s32))
+    np.testing.assert_array_equal(got[1], level_index(s64))
+    assert (level_index(s32) != level_index(s32.astype(np.float64))).any()  # precision matters
+    assert page.evaluate("featuremapsCommon.levelIndex(NaN, 250, true)") == LEVELS + 1
+
+    data = page.evaluate("featuremapsReport.page.data")
+    assert data["level_lut"] == LEVEL_LUT.tolist() and data["levels"] == LEVELS
+    bar = page.evaluate("Array.from(featuremapsReport.page.colorbarTable())")
+    np.testing.assert_array_equal(bar, LEVEL_LUT[level_index(np.arange(256) / 255)])
+
+    # the layer's shared range: each stored q of a channel is re-levelled on that range
+    page.select_option("#scale-select", "layer")
+    page.wait_for_selector("#img-0 .grid .cell canvas")
+    name = page.evaluate("featuremapsReport.page.state.layer")
+    layer = data["images"][0]["layers"][name]
+    lo, hi = min(layer["vmin"]), max(layer["vmax"])
+    q = np.arange(256)
+    for i in (0, 3, len(layer["channels"]) - 1):
+        a, b = layer["vmin"][i], layer["vmax"][i]
+        f = np.clip((a + (q / 255) * (b - a) - lo) / (hi - lo), 0.0, 1.0)
+        expect = LEVEL_LUT[level_index(f)]
+        table = page.evaluate(
+            "([n, i]) => { const p = featuremapsReport.page;"
+            " return Array.from(p.tableOf(p.data.images[0].layers[n], i)); }",
+            [name, i],
+        )
+        np.testing.assert_array_equal(table, expect)
+        cell = canvas_rgb(page, f"#img-0 .cell[data-pos='{i}'] canvas")
+        stored = cells_of(layer)[i]
+        np.testing.assert_array_equal(cell, colormap_lut("viridis")[expect[stored]])
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def cells_of(layer: dict[str, Any]) -> list[np.ndarray]:
+    """The stored (quantized) channel maps of a layer's atlas, in shown order."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    atlas = np.asarray(Image.open(io.BytesIO(base64.b64decode(layer["atlas"].split(",", 1)[1]))))
+    h, w, cols = layer["h"], layer["w"], layer["cols"]
+    return [
+        atlas[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w]
+        for i in range(len(layer["channels"]))
+    ]
 
 
 # -- the viewer -----------------------------------------------------------------------------

@@ -271,3 +271,43 @@ def test_cli_report_unknown_layer_is_one_line_error(
 def test_out_must_be_a_file(weird: LoadedModel, photo: Path, tmp_path: Path) -> None:
     with pytest.raises(FeatureMapsError, match="is a folder"):
         write_report(tmp_path, weird, [photo], "conv")
+
+
+def test_report_orders_by_variance_or_an_explicit_list(weird: LoadedModel, photo: Path) -> None:
+    fm = analyze(weird, [photo], ["conv"], device="cpu")[0].maps
+    t = fm["conv"][0].numpy()
+    by_var = np.argsort(-t.reshape(6, -1).astype(np.float64).var(1), kind="stable").tolist()
+    data = report_data(build_report(weird, [photo], "conv", order="variance", max_channels=4))
+    assert data["images"][0]["layers"]["conv"]["channels"] == by_var[:4]
+    assert data["order"] == "variance"
+    listed = report_data(build_report(weird, [photo], "conv", order="5,0"))
+    assert listed["images"][0]["layers"]["conv"]["channels"] == [5, 0]
+    assert listed["order"] == [5, 0] and listed["order_text"] == "as listed: 5, 0"
+
+
+def test_report_holds_one_image_at_a_time(
+    weird: LoadedModel, photo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report over many images keeps only the embedded data, never earlier images' maps."""
+    import gc
+    import weakref
+
+    from featuremaps.report import build as report_build
+
+    real = report_build.iter_analyze
+    earlier: list[weakref.ref[Any]] = []
+    checked = []
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        for res in real(*args, **kwargs):
+            gc.collect()
+            checked.append(sum(ref() is not None for ref in earlier))
+            earlier.extend(weakref.ref(t) for t in res.maps.maps.values())
+            earlier.append(weakref.ref(res.maps))
+            yield res
+
+    monkeypatch.setattr(report_build, "iter_analyze", watched)
+    images = [photo, sample_image("cat"), sample_image("coffee"), photo]
+    data = report_data(build_report(weird, images, ["conv", "act"]))
+    assert len(data["images"]) == 4
+    assert checked == [0, 0, 0, 0]  # when each image arrives, no earlier maps are alive

@@ -258,7 +258,8 @@ def check_cmap(name: str, option: str = "--cmap", offered: Sequence[str] | None 
     if offered is not None:
         if name not in offered:
             raise OptionError(
-                f"{option} {name!r}: use {choices(offered)}.{suggest(name, offered, n=2)}"
+                f"{option} {name!r}: not a colormap offered here; use "
+                f"{choices(offered)}.{suggest(name, offered, n=2)}"
             )
         return name
     import matplotlib

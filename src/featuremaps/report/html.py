@@ -1,0 +1,107 @@
+"""Pages from templates: packaged assets, ``{{name}}`` filling, safe inline JSON and the
+Content-Security-Policy of inline styles and scripts.
+
+The report, the server's pages and the atlas pages share these helpers, so every page is
+filled, escaped and locked down the same way. No model code and no numbers here.
+
+Example:
+    >>> page = fill_template("<p>{{x}}</p>", {"x": html.escape("<b>")})
+    >>> page
+    '<p>&lt;b&gt;</p>'
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+import re
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+from PIL import Image
+
+from ..errors import FeatureMapsError
+
+__all__ = [
+    "asset",
+    "csp_hash",
+    "data_url",
+    "fill_template",
+    "inline_csp",
+    "script_json",
+]
+
+_TOKEN = re.compile(r"\{\{(\w+)\}\}")
+
+
+def asset(name: str) -> str:
+    """The text of a packaged template or static file (``templates/x`` or ``static/x``)."""
+    return (resources.files("featuremaps") / name).read_text(encoding="utf-8")
+
+
+def fill_template(template: str, values: dict[str, str]) -> str:
+    """Replace each ``{{name}}`` by ``values[name]`` in one pass (values are not rescanned).
+
+    Values are inserted as given: escape user text with :func:`html.escape` first.
+
+    Raises:
+        FeatureMapsError: the template names a value that is not given.
+    """
+
+    def sub(match: re.Match[str]) -> str:
+        key = match.group(1)
+        if key not in values:
+            raise FeatureMapsError(f"template value {key!r} is missing")
+        return values[key]
+
+    return _TOKEN.sub(sub, template)
+
+
+def script_json(obj: Any) -> str:
+    """JSON safe to place inside a ``<script>`` element (no ``<``, ``>`` or ``&``).
+
+    NaN and ±Inf are refused (:func:`featuremaps.summaries.json_float` turns them into
+    ``null`` first).
+    """
+    text = json.dumps(obj, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+    return (
+        text.replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026")
+        .replace("\u2028", "\\u2028")
+        .replace("\u2029", "\\u2029")
+    )
+
+
+def csp_hash(text: str) -> str:
+    """The CSP source ``'sha256-...'`` that allows exactly this inline style or script."""
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return "'sha256-" + base64.b64encode(digest).decode("ascii") + "'"
+
+
+def inline_csp(styles: Sequence[str], scripts: Sequence[str], img_src: str = "data: blob:") -> str:
+    """A policy for a self-contained page: nothing is fetched, only these inline styles and
+    scripts run, images come from ``img_src`` (data and blob URLs by default)."""
+    style_src = " ".join(csp_hash(s) for s in styles) or "'none'"
+    script_src = " ".join(csp_hash(s) for s in scripts) or "'none'"
+    return (
+        f"default-src 'none'; img-src {img_src}; style-src {style_src}; "
+        f"script-src {script_src}; base-uri 'none'; form-action 'none'"
+    )
+
+
+def data_url(img: Image.Image, fmt: str = "PNG", **save: Any) -> str:
+    """A picture as a ``data:`` URL (PNG, or JPEG with ``fmt="JPEG"``)."""
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save)
+    mime = "image/jpeg" if fmt == "JPEG" else "image/png"
+    return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def escape(text: object) -> str:
+    """User text for HTML element content or a quoted attribute."""
+    return html.escape(str(text))
