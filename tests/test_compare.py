@@ -248,6 +248,33 @@ def test_minibatches_skip_bad_files_and_merge_small_batches(tmp_path: Path) -> N
     assert len(r.examples) == 4 and r.example_maps_a["conv1"].shape == (4, 6, 24, 24)
 
 
+class NaNNet(TinyNet):
+    """TinyNet whose act2 is NaN for images with a white top-left pixel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act1(self.conv1(x))
+        white = x[:, 0, 0, 0] > 2.0
+        h2 = self.conv2(h)
+        h2 = torch.where(white[:, None, None, None], torch.full_like(h2, float("nan")), h2)
+        return self.fc(self.pool(self.act2(h2)).flatten(1))
+
+
+def test_images_with_non_finite_activations_are_skipped(tmp_path: Path) -> None:
+    data = _images(tmp_path / "d", 8)
+    Image.new("RGB", (40, 32), "white").save(data / "img03w.png")
+    torch.manual_seed(0)
+    bad = LoadedModel(NaNNet().eval(), Preprocess(resize=24, crop=24), "nan", "random")
+    with pytest.warns(UserWarning, match="img03w.png: non-finite"):
+        r = compare_models(bad, _tiny(1), data, layers=LAYERS, batch_size=9, workers=0)
+    assert [p for p, _ in r.skipped] == [str(data / "img03w.png")]
+    assert r.images_used == 8 and np.all(np.isfinite(r.matrix))
+    x = _inputs(data, bad.preprocess)
+    keep = [i for i, p in enumerate(sorted(data.iterdir())) if p.name != "img03w.png"]
+    fa = capture(bad.module, x[keep], ["conv1"])["conv1"]
+    fb = capture(r.b.model.module, x[keep], ["act2"])["act2"]
+    assert r.matrix[0, 3] == pytest.approx(_cka_numpy(fa.numpy(), fb.numpy()), abs=1e-6)
+
+
 def test_self_comparison_gives_one_on_the_diagonal(tmp_path: Path) -> None:
     data = _images(tmp_path / "d", 8)
     a = _tiny(0)

@@ -19,7 +19,8 @@ Only ``n × n`` Gram matrices are formed, so features ``C·H·W`` wide cost one 
 product each. For the linear kernel HSIC₁ depends on the features only through their
 differences (it is a U-statistic of ``⟨x_i - x_r, x_j - x_q⟩`` products), so each batch
 is centered before its Gram matrix is formed: the same value, without the cancellation a
-large common offset (a ReLU's positive mean) would cause. Grams and sums are float64.
+large common offset (a ReLU's positive mean) would cause. Products run in the features'
+precision over chunks of columns; Grams, their sums and HSIC are float64.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ MIN_BATCH = 4
 ArrayLike = torch.Tensor | np.ndarray
 
 
+class NonFiniteFeatures(ReduceError):
+    """Some features are NaN or Inf: the batch cannot be added as it is."""
+
+
 def _features(x: ArrayLike) -> torch.Tensor:
     """``(n, ...)`` features as a ``(n, D)`` tensor (no copy when already 2-D)."""
     t = torch.from_numpy(np.asarray(x)) if isinstance(x, np.ndarray) else x
@@ -46,16 +51,32 @@ def _features(x: ArrayLike) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def _gram(x: torch.Tensor) -> torch.Tensor:
-    """The float64 Gram matrix of the batch-centered features, diagonal set to zero.
+GRAM_CHUNK = 1 << 16
+"""Feature columns per partial Gram product (float32 products, summed in float64)."""
 
-    On MPS, which has no float64, the product runs on the CPU.
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix of the batch-centered features, float64, diagonal set to zero.
+
+    The features are taken :data:`GRAM_CHUNK` columns at a time: each chunk is centered
+    (column means are per column, so a chunk's means are the batch's), multiplied in its
+    own precision (float32: twice the speed of float64, about 1e-7 relative error per
+    product), and the partial Grams are summed in float64. On MPS, which has no float64,
+    the sums run on the CPU. The input is never modified.
     """
-    if x.device.type == "mps":
-        x = x.cpu()
-    x64 = x.to(torch.float64)
-    centered = x64 - x64.mean(dim=0, keepdim=True)  # a new tensor: the input is untouched
-    k = centered @ centered.T
+    n = x.shape[0]
+    acc_device = torch.device("cpu") if x.device.type == "mps" else x.device
+    k = torch.zeros(n, n, dtype=torch.float64, device=acc_device)
+    wide = x.dtype in (torch.float32, torch.float64)
+    for start in range(0, x.shape[1], GRAM_CHUNK):
+        chunk = x[:, start : start + GRAM_CHUNK]
+        if not wide:  # integers, float16, bfloat16: products in float32
+            chunk = chunk.to(torch.float32)
+        centered = chunk - chunk.mean(dim=0, keepdim=True)  # a new tensor
+        part = centered @ centered.T
+        if not bool(torch.isfinite(part).all()) and part.dtype != torch.float64:
+            part = centered.double() @ centered.double().T  # float32 overflowed?
+        k += part.to(acc_device, torch.float64)
     k.fill_diagonal_(0.0)
     return k.cpu()
 
@@ -117,8 +138,9 @@ class CKAAccumulator:
         """Add one batch: ``feats_a[i]`` is layer ``i`` of model A, ``(n, ...)`` per example.
 
         Raises:
-            ReduceError: wrong number of layers, batches of different sizes, fewer than
-                :data:`MIN_BATCH` examples, or non-finite features.
+            ReduceError: wrong number of layers, batches of different sizes, or fewer
+                than :data:`MIN_BATCH` examples; :class:`NonFiniteFeatures` for NaN or
+                Inf. The accumulator is unchanged when it raises.
         """
         if len(feats_a) != self.n_a or len(feats_b) != self.n_b:
             raise ReduceError(
@@ -136,9 +158,11 @@ class CKAAccumulator:
             )
         ga = _Grams(torch.stack([_gram(x) for x in xa]))
         gb = _Grams(torch.stack([_gram(x) for x in xb]))
+        if not bool(torch.isfinite(ga.k).all() and torch.isfinite(gb.k).all()):
+            raise NonFiniteFeatures("the features hold NaN or Inf (or overflow float64)")
         parts = (_hsic1(ga, gb, n), _self_hsic1(ga, n), _self_hsic1(gb, n))
         if not all(np.isfinite(p).all() for p in parts):
-            raise ReduceError("the features hold NaN or Inf (or overflow float64)")
+            raise NonFiniteFeatures("the HSIC sums overflow float64")
         self.cross += parts[0]
         self.self_a += parts[1]
         self.self_b += parts[2]

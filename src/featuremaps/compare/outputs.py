@@ -13,6 +13,7 @@ import hashlib
 import html
 import io
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +60,12 @@ def heatmap_png(result: CompareResult) -> bytes:
     image = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
     ax.set_xticks(range(cols), result.b.layers, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(rows), result.a.layers, fontsize=8)
-    ax.set_xlabel(f"model B: {result.b.model.spec} ({result.b.model.weights})", fontsize=9)
-    ax.set_ylabel(f"model A: {result.a.model.spec} ({result.a.model.weights})", fontsize=9)
+    ax.set_xlabel(
+        f"model B: {_short(result.b.model.spec)}, weights {_weights(result.b)}", fontsize=9
+    )
+    ax.set_ylabel(
+        f"model A: {_short(result.a.model.spec)}, weights {_weights(result.a)}", fontsize=9
+    )
     if rows * cols <= 400:
         for i in range(rows):
             for j in range(cols):
@@ -82,6 +87,21 @@ def heatmap_png(result: CompareResult) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _axis_label(which: str, side: Side) -> str:
+    return f"model {which}: {_short(side.model.spec)}, weights {_weights(side)}"
+
+
+def _weights(side: Side) -> str:
+    """The weights as a short label: a file's name, or DEFAULT / none."""
+    w = side.model.weights
+    name = Path(w).name if ("/" in w or os.sep in w) else w.split(" (")[0]
+    return _short(name, 32)
 
 
 def _cmap() -> Any:

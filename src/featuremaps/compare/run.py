@@ -26,7 +26,7 @@ from ..errors import FeatureMapsError, LayerError
 from ..images import display_image
 from ..models import LoadedModel, Preprocess, load_model
 from ..pipeline import resolve_device
-from .cka import MIN_BATCH, CKAAccumulator
+from .cka import MIN_BATCH, CKAAccumulator, NonFiniteFeatures
 
 Pool = Literal["none", "mean"]
 POOLS: tuple[str, ...] = ("none", "mean")
@@ -241,9 +241,11 @@ def features(fm: FeatureMaps, names: Sequence[str], pool: str) -> list[torch.Ten
 
 
 def _finite_rows(feats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Which examples have finite features in every layer (a float64 sum per row: finite
+    exactly when every float32 value is, and no temporary as large as the features)."""
     ok = torch.ones(feats[0].shape[0], dtype=torch.bool)
     for f in feats:
-        ok &= torch.isfinite(f).all(dim=1).cpu()
+        ok &= torch.isfinite(f.sum(dim=1, dtype=torch.float64)).cpu()
     return ok
 
 
@@ -324,21 +326,22 @@ def compare_models(
         fa = capture(la.module, xa, a.layers)
         fb = capture(lb.module, xb, b.layers)
         feats_a, feats_b = features(fa, a.layers, pool), features(fb, b.layers, pool)
-        ok = _finite_rows([*feats_a, *feats_b])
-        if not bool(ok.all()):
+        ok = torch.ones(len(batch.ids), dtype=torch.bool)
+        try:
+            acc.update(feats_a, feats_b)
+        except NonFiniteFeatures:  # rare: find the images, drop them, try again
+            ok = _finite_rows([*feats_a, *feats_b])
             for j in np.flatnonzero(~ok.numpy()):
                 path = paths[int(batch.ids[j])]
                 skipped.append((path, "non-finite activations"))
                 warnings.warn(
                     f"skipped {path}: non-finite activations", SkippedImageWarning, stacklevel=3
                 )
-            feats_a = [f[ok] for f in feats_a]
-            feats_b = [f[ok] for f in feats_b]
-        n_ok = int(ok.sum())
-        if n_ok < MIN_BATCH:
-            left_out += n_ok
-            return
-        acc.update(feats_a, feats_b)
+            n_ok = int(ok.sum())
+            if n_ok < MIN_BATCH:
+                left_out += n_ok
+                return
+            acc.update([f[ok] for f in feats_a], [f[ok] for f in feats_b])
         want = examples - len(kept)
         if want > 0:
             rows = torch.nonzero(ok).flatten()[:want]
