@@ -113,3 +113,41 @@ def test_preprocess_and_display_round_trip() -> None:
     assert diff.max() <= 1
     full = prep(img, pp, full=True)
     assert full.shape == (3, 256, 384)  # 400x600 photo, short side 256, no crop
+
+
+def test_multi_frame_images_warn_that_only_the_first_frame_is_used(tmp_path: Path) -> None:
+    from featuremaps.images import FirstFrameWarning
+
+    frames = [Image.new("RGB", (8, 6), c) for c in ((250, 0, 0), (0, 250, 0), (0, 0, 250))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
+    frames[0].save(tmp_path / "pages.tiff", save_all=True, append_images=frames[1:2])
+    for name, n in (("anim.gif", 3), ("pages.tiff", 2)):
+        with pytest.warns(FirstFrameWarning, match=f"holds {n} frames; only the first is used"):
+            img = load_image(tmp_path / name)
+        assert np.asarray(img)[0, 0, 0] > 200 and np.asarray(img)[0, 0, 1] < 50  # frame 0
+    import warnings
+
+    frames[0].save(tmp_path / "still.gif")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_image(tmp_path / "still.gif")
+
+
+def test_multi_frame_warning_is_one_plain_line_in_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from featuremaps.cli import main
+
+    frames = [Image.new("RGB", (8, 6), c) for c in ((250, 0, 0), (0, 250, 0))]
+    folder = tmp_path / "[b]gifs"
+    folder.mkdir()
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
+    (tmp_path / "m.py").write_text(
+        "import torch\ndef f():\n    return torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    main(["run", "m:f", str(folder / "anim.gif"), "--layers", "0", "--out", "o"])
+    err = capsys.readouterr().err
+    gif = str(folder / "anim.gif")
+    assert err == f"warning: image {gif!r} holds 2 frames; only the first is used\n"

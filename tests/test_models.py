@@ -137,3 +137,23 @@ def test_factory_and_torchscript_specs(tmp_path: Path, monkeypatch: pytest.Monke
     torch.save({"a": torch.zeros(1)}, state)
     with pytest.raises(ModelError, match="--weights"):
         load_model(str(state))
+
+
+def test_factory_that_raises_names_the_spec_and_the_exception(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "raisingmodels.py").write_text(
+        "def broken():\n    raise KeyError('depth')\ndef empty_message():\n    raise ValueError()\n"
+    )
+    (tmp_path / "badimport.py").write_text("raise RuntimeError('needs a GPU driver')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModelError) as info:
+        load_model("raisingmodels:broken")
+    assert str(info.value) == "model spec 'raisingmodels:broken': broken() raised KeyError: 'depth'"
+    assert isinstance(info.value.__cause__, KeyError)
+    with pytest.raises(ModelError, match=r"empty_message\(\) raised ValueError$"):
+        load_model("raisingmodels:empty_message")
+    with pytest.raises(ModelError, match="importing 'badimport' raised RuntimeError: needs a GPU"):
+        load_model("badimport:f")
+    for name in ("raisingmodels", "badimport"):
+        sys.modules.pop(name, None)

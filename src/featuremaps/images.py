@@ -75,17 +75,40 @@ def load_image(path: str | os.PathLike[str], *, draft_size: int | None = None) -
         ImageError: the file is missing, not an image, truncated or too large.
     """
     path = Path(path)
-    img: Image.Image
+    img = _decode(path, draft_size)
+    try:
+        frames = int(getattr(img, "n_frames", 1) or 1)
+        if frames > 1:
+            warnings.warn(
+                f"image {str(path)!r} holds {frames} frames; only the first is used",
+                FirstFrameWarning,
+                stacklevel=2,
+            )
+        try:
+            shown = ImageOps.exif_transpose(img)  # a new image either way
+        except Exception:  # broken EXIF must not stop us; orientation is then as stored
+            shown = img.copy()
+        return to_rgb(shown)
+    finally:
+        img.close()  # a multi-frame file stays open until closed
+
+
+def _decode(path: Path, draft_size: int | None) -> Image.Image:
+    """Open and decode the (first frame of the) image; errors become :class:`ImageError`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
-            if draft_size and img.format == "JPEG":
-                w, h = img.size
-                scale = draft_size / min(w, h)
-                if scale < 1:
-                    img.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))
-            img.load()
+            try:
+                if draft_size and img.format == "JPEG":
+                    w, h = img.size
+                    scale = draft_size / min(w, h)
+                    if scale < 1:
+                        img.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))
+                img.load()
+            except BaseException:
+                img.close()
+                raise
     except FileNotFoundError as exc:
         raise ImageError(f"image {str(path)!r}: no such file") from exc
     except (PermissionError, IsADirectoryError) as exc:
@@ -100,18 +123,7 @@ def load_image(path: str | os.PathLike[str], *, draft_size: int | None = None) -
         ) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"image {str(path)!r} cannot be decoded: {exc}") from exc
-    frames = int(getattr(img, "n_frames", 1) or 1)
-    if frames > 1:
-        warnings.warn(
-            f"image {str(path)!r} holds {frames} frames; only the first is used",
-            FirstFrameWarning,
-            stacklevel=2,
-        )
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # broken EXIF must not stop us; orientation is then as stored
-        pass
-    return to_rgb(img)
+    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -171,4 +183,3 @@ def display_image(x: torch.Tensor, pp: Preprocess) -> np.ndarray:
     std = torch.tensor(pp.std, dtype=x.dtype).view(-1, 1, 1)
     rgb = (x.detach().cpu() * std + mean).clamp(0, 1)
     return (rgb.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
-

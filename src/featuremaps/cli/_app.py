@@ -133,7 +133,6 @@ def warnings_shown() -> Iterator[None]:
         err.print(plain(("warning:", "yellow"), f" {message}"))
 
     with warnings.catch_warnings():
-        warnings.simplefilter("default")
         warnings.showwarning = show
         yield
 
