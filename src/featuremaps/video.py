@@ -297,20 +297,33 @@ def compose_frame(
 
 
 class _Writer:
-    """One H.264 MP4 written to a temporary name, renamed into place when finished."""
+    """One H.264 MP4 written to a temporary name, renamed into place when finished.
 
-    def __init__(self, path: Path, fps: float, stack: contextlib.ExitStack) -> None:
+    Lossy by default (YUV 4:2:0, CRF 16: plays everywhere); ``lossless`` writes RGB
+    H.264 at QP 0, the exact pixels, for players that take ``libx264rgb`` (ffmpeg, VLC).
+    """
+
+    def __init__(
+        self, path: Path, fps: float, stack: contextlib.ExitStack, lossless: bool = False
+    ) -> None:
         av = _av()
         self.path = path
         tmp = stack.enter_context(atomic_path(path))
         self.container = av.open(str(tmp), "w", format="mp4")
         stack.callback(self.container.close)
         rate = Fraction(fps).limit_denominator(1001)
-        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-        self.stream = self.container.add_stream(codec, rate=rate)
-        self.stream.pix_fmt = "yuv420p"
-        if codec == "libx264":
-            self.stream.options = {"crf": "16", "preset": "veryfast"}
+        if lossless:
+            if "libx264rgb" not in av.codecs_available:
+                raise VideoError("lossless video needs PyAV built with libx264rgb")
+            self.stream = self.container.add_stream("libx264rgb", rate=rate)
+            self.stream.pix_fmt = "rgb24"
+            self.stream.options = {"qp": "0", "preset": "veryfast"}
+        else:
+            codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+            self.stream = self.container.add_stream(codec, rate=rate)
+            self.stream.pix_fmt = "yuv420p"
+            if codec == "libx264":
+                self.stream.options = {"crf": "16", "preset": "veryfast"}
         self.av = av
         self.started = False
 
@@ -357,6 +370,7 @@ def video_pca(
     bases: Mapping[str, PCABasis] | None = None,
     preprocess: Preprocess | None = None,
     full: bool = False,
+    lossless: bool = False,
     progress: Callable[[VideoProgress], None] | None = None,
 ) -> VideoResult:
     """Per layer, a video of the input beside its PCA picture, one basis for all frames.
@@ -378,6 +392,8 @@ def video_pca(
             of another run or checkpoint); the recipe then comes from the basis.
         preprocess: override the model's preprocessing.
         full: keep the whole frame (resize the short side, no centre crop).
+        lossless: exact pixels (RGB H.264, QP 0; not every player takes it) instead of
+            the default YUV 4:2:0 at CRF 16.
         progress: called after every batch with a :class:`VideoProgress`.
 
     Returns:
@@ -411,10 +427,20 @@ def video_pca(
         scratch = _Scratch(Path(tmpdir))
         try:
             indices = _forward_pass(
-                module, pp, src, fps, layers, batch_size, full, scratch, progress, total
+                module, pp, src, fps, layers, batch_size, full, scratch, progress, total, channels
             )
             return _write_pass(
-                scratch, indices, src, out, recipe, channels, bases, out_rate, progress, t_start
+                scratch,
+                indices,
+                src,
+                out,
+                recipe,
+                channels,
+                bases,
+                out_rate,
+                progress,
+                t_start,
+                lossless,
             )
         finally:
             scratch.close()
@@ -431,6 +457,7 @@ def _forward_pass(
     scratch: _Scratch,
     progress: Callable[[VideoProgress], None] | None,
     total: int | None,
+    channels: Sequence[int],
 ) -> list[int]:
     """Decode, preprocess and run the model; maps and shown frames go to ``scratch``."""
     from .capture import capture
@@ -445,6 +472,8 @@ def _forward_pass(
     def flush() -> None:
         x = torch.stack(batch).to(device)
         maps = capture(module, x, layers)
+        if not scratch.frames:
+            _check_channels(maps, channels)
         for name, t in maps.items():
             scratch.append(f"map:{name}", t.numpy().astype(np.float32, copy=False))
         shown = np.stack([display_image(xi, pp) for xi in x.cpu()])
@@ -465,6 +494,16 @@ def _forward_pass(
     return indices
 
 
+def _check_channels(maps: Mapping[str, torch.Tensor], channels: Sequence[int]) -> None:
+    for name, t in maps.items():
+        c = int(t.shape[1])
+        bad = [ch for ch in channels if ch >= c]
+        if bad:
+            raise VideoError(
+                f"{name} has {c} channels; channel(s) {bad} do not exist (use 0..{c - 1})"
+            )
+
+
 def _write_pass(
     scratch: _Scratch,
     indices: list[int],
@@ -476,6 +515,7 @@ def _write_pass(
     out_rate: float,
     progress: Callable[[VideoProgress], None] | None,
     t_start: float,
+    lossless: bool,
 ) -> VideoResult:
     """Fit one basis per layer over every frame, then draw and encode each frame."""
     n = scratch.frames
@@ -487,9 +527,6 @@ def _write_pass(
     ranges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name in layers:
         c = maps[name].shape[1]
-        bad = [ch for ch in channels if ch >= c]
-        if bad:
-            raise VideoError(f"{name} has {c} channels; channel(s) {bad} do not exist")
         if given is not None and name in given:
             if given[name].channels != c:
                 raise VideoError(
@@ -510,7 +547,7 @@ def _write_pass(
     fg_share: dict[str, float] = dict.fromkeys(layers, 0.0)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        writers = {name: _Writer(videos[name], out_rate, stack) for name in layers}
+        writers = {name: _Writer(videos[name], out_rate, stack, lossless) for name in layers}
         for i in range(n):
             for name in layers:
                 fmap = np.asarray(maps[name][i])
