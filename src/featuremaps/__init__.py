@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .atlas import AtlasResult, SkippedImageWarning, build_atlas
 from .capture import Capture, FeatureMaps, LayerInfo, LayoutContext, capture, list_layers
+from .compare import CKAAccumulator, CompareResult, build_compare, compare_models, debiased_cka
 from .errors import FeatureMapsError, ImageError, LayerError, ModelError, ReduceError
 from .images import display_image, expand_inputs, load_image, preprocess, sample_image
 from .models import LoadedModel, Preprocess, available_models, load_model
@@ -26,7 +27,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AtlasResult",
+    "CKAAccumulator",
     "Capture",
+    "CompareResult",
     "FeatureMaps",
     "FeatureMapsError",
     "ImageError",
@@ -49,9 +52,12 @@ __all__ = [
     "analyze",
     "available_models",
     "build_atlas",
+    "build_compare",
     "capture",
     "channel_grid",
     "channel_stats",
+    "compare_models",
+    "debiased_cka",
     "display_image",
     "expand_inputs",
     "list_layers",
