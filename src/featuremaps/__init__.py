@@ -17,10 +17,12 @@ from .errors import FeatureMapsError, ImageError, LayerError, ModelError, Reduce
 from .images import display_image, expand_inputs, load_image, preprocess, sample_image
 from .models import LoadedModel, Preprocess, available_models, load_model
 from .options import RenderOptions
+from .pca import PCARecipe, PCAResult, pca_fit
 from .pipeline import analyze, run
 from .reduce import PCAAccumulator, PCABasis, channel_stats, pca_basis, pca_rgb
 from .relevance import Relevance, relevance
 from .render import channel_grid, overlay, pca_panel, render_grid, show
+from .video import VideoError, VideoResult, video_pca
 from .visualize import Objective, Transforms, Visualization, Visualizations, visualize
 
 __version__ = "0.1.0"
@@ -41,12 +43,16 @@ __all__ = [
     "Objective",
     "PCAAccumulator",
     "PCABasis",
+    "PCARecipe",
+    "PCAResult",
     "Preprocess",
     "ReduceError",
     "Relevance",
     "RenderOptions",
     "SkippedImageWarning",
     "Transforms",
+    "VideoError",
+    "VideoResult",
     "Visualization",
     "Visualizations",
     "analyze",
@@ -65,6 +71,7 @@ __all__ = [
     "load_model",
     "overlay",
     "pca_basis",
+    "pca_fit",
     "pca_panel",
     "pca_rgb",
     "preprocess",
@@ -73,5 +80,6 @@ __all__ = [
     "run",
     "sample_image",
     "show",
+    "video_pca",
     "visualize",
 ]
