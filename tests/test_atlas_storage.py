@@ -251,3 +251,37 @@ def test_bad_credentials_are_a_clear_error(
 def test_a_url_without_its_filesystem_says_what_to_install() -> None:
     with pytest.raises(FeatureMapsError, match="no-such-proto://x/"):
         dataset_paths("no-such-proto://x/")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_two_node_ray_cluster_over_s3_equals_the_local_engine(
+    bucket: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``featuremaps atlas resnet18 s3://... --engine ray --ray-address ADDR`` on two nodes."""
+    pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    common = ["resnet18", bucket, "--weights", "none", "--layers", "stages", "--top", "3"]
+    common += ["--batch-size", "6", "--workers", "2"]
+    assert _cli("atlas", *common, "--out", str(tmp_path / "local")) == 0
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False},
+    )
+    try:
+        cluster.add_node(num_cpus=1)  # a second raylet: the two actors land on two nodes
+        cluster.wait_for_nodes()
+        ray_args = ["--engine", "ray", "--ray-address", cluster.address]
+        code = _cli("atlas", *common, *ray_args, "--out", str(tmp_path / "ray"))
+    finally:
+        cluster.shutdown()
+    said = capsys.readouterr()
+    assert code == 0, said.err
+    assert f"{N_IMAGES} of {N_IMAGES + 1} images used" in said.out
+    local, ray_out = tmp_path / "local", tmp_path / "ray"
+    assert (local / "atlas.json").read_bytes() == (ray_out / "atlas.json").read_bytes()
+    with np.load(local / "pca_basis.npz") as a, np.load(ray_out / "pca_basis.npz") as b:
+        for key in a.files:
+            assert np.array_equal(a[key], b[key]), key
