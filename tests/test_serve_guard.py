@@ -259,6 +259,40 @@ def test_concurrent_decodes_over_the_limit_get_503_with_retry_after(
         assert c.post("/api/images", content=png_bytes((35, 24))).status_code == 201
 
 
+def test_decodes_in_flight_count_against_the_image_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    entered, release = threading.Event(), threading.Event()
+    real = upload_module.decode_image
+
+    def slow_decode(*args: Any, **kwargs: Any) -> Image.Image:
+        entered.set()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(upload_module, "decode_image", slow_decode)
+    one = 100 * 100 * 4  # decoded RGB bytes of a 100x100 picture
+    with client(Guard(), max_decodes=4, image_bytes=one + one // 2) as c:
+        first: dict[str, Any] = {}
+        t = threading.Thread(
+            target=lambda: first.update(r=c.post("/api/images", content=png_bytes((100, 100))))
+        )
+        t.start()
+        try:
+            assert entered.wait(30), "the first upload never reached the decoder"
+            r = c.post("/api/images", content=png_bytes((100, 99)))
+            assert r.status_code == 503 and "decoding other large images" in r.json()["detail"]
+            assert r.headers["retry-after"].isdigit()
+        finally:
+            release.set()
+            t.join(30)
+        assert first["r"].status_code == 201
+        second = c.post("/api/images", content=png_bytes((100, 99)))
+        assert second.status_code == 201  # the first image made room: one fits at a time
+        images = c.app.state.engine.images  # type: ignore[attr-defined]
+        assert len(images) == 1
+        old = c.get(f"/api/images/{first['r'].json()['image_id']}/thumb.jpg")
+        assert old.status_code == 404
+
+
 def test_decoded_size_over_the_image_memory_is_413_before_decoding() -> None:
     # a PNG header that claims 3000x3000 RGB, then nothing: decoding it would fail (415),
     # so a 413 shows the size was checked on the header alone

@@ -8,7 +8,8 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -23,7 +24,7 @@ from ..models import LoadedModel, load_model
 from ..reduce import channel_stats
 from .config import too_large
 from .errors import ApiError
-from .upload import Decoder
+from .upload import RETRY_AFTER_S, Decoder
 
 V = TypeVar("V")
 
@@ -79,6 +80,19 @@ class LRU(Generic[V]):
     def nbytes(self) -> int:
         return sum(self._size(v) for v in list(self._items.values()))
 
+    def make_room(self, extra: int) -> bool:
+        """Evict the oldest items (the newest too) until ``extra`` more bytes fit.
+
+        Returns:
+            Whether they fit now.
+        """
+        if self.max_bytes is None:
+            return True
+        with self._lock:
+            while self._items and self.nbytes() + extra > self.max_bytes:
+                self._items.popitem(last=False)
+            return self.nbytes() + extra <= self.max_bytes
+
     def keys(self) -> list[str]:
         with self._lock:
             return list(self._items)
@@ -104,7 +118,10 @@ class ImageStore:
     def __init__(self, decoder: Decoder, max_upload_bytes: int, max_items: int = 32) -> None:
         self.decoder = decoder
         self.max_upload_bytes = max_upload_bytes
+        self.max_bytes = decoder.max_bytes
         self._images: LRU[Image.Image] = LRU(max_items, decoder.max_bytes, image_bytes)
+        self._lock = threading.Lock()
+        self._reserved = 0
 
     def add(self, data: bytes) -> tuple[str, Image.Image]:
         """Decode and keep uploaded bytes (once per content); return its id and image.
@@ -119,9 +136,33 @@ class ImageStore:
         image_id = hashlib.sha256(data).hexdigest()[:24]
         img = self._images.get(image_id)
         if img is None:
-            img = self.decoder.decode(data)
-            self._images.put(image_id, img)
+            with self._room(self.decoder.measure(data)):
+                img = self.decoder.decode(data)
+                self._images.put(image_id, img)
         return image_id, img
+
+    @contextmanager
+    def _room(self, need: int) -> Iterator[None]:
+        """Hold ``need`` bytes of the memory bound while an image decodes.
+
+        The kept images plus those being decoded stay within ``max_bytes``: the oldest
+        kept ones make room; when decodes in flight hold the room, 503.
+        """
+        with self._lock:
+            if not self._images.make_room(self._reserved + need):
+                raise ApiError(
+                    503,
+                    f"the server is decoding other large images ({self._reserved / 2**20:.0f} "
+                    f"MiB of its {self.max_bytes / 2**20:.0f} MiB); try again in "
+                    f"{RETRY_AFTER_S} s",
+                    {"Retry-After": str(RETRY_AFTER_S)},
+                )
+            self._reserved += need
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reserved -= need
 
     def add_sample(self, name: str) -> tuple[str, Image.Image]:
         """Keep a bundled sample image.

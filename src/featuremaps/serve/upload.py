@@ -45,6 +45,46 @@ def decoded_bytes(img: Image.Image) -> int:
     return rgb if img.mode == "RGB" else rgb + pixels * _SMALL_MODES.get(img.mode, 4)
 
 
+def open_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_IMAGE_BYTES
+) -> Image.Image:
+    """Open uploaded bytes and check the header; no pixel is decoded yet.
+
+    Raises:
+        ApiError: 413 when too many pixels or too much decoded memory, 415 when the bytes
+            are not an image of an accepted format.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img: Image.Image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ApiError(413, f"image too large to decode safely ({exc})") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise _not_an_image() from exc
+    if img.width * img.height > max_pixels:
+        raise ApiError(
+            413,
+            f"image is {img.width}×{img.height} pixels; the limit is "
+            f"{max_pixels / 1e6:.0f} megapixels. Downscale it first.",
+        )
+    need = decoded_bytes(img)
+    if need > max_bytes:
+        raise ApiError(
+            413,
+            f"image is {img.width}×{img.height} pixels ({img.mode}): decoded it needs "
+            f"{need / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB this "
+            "server keeps for images. Downscale it first.",
+        )
+    return img
+
+
+def _not_an_image() -> ApiError:
+    return ApiError(
+        415, "the upload is not a readable image (accepted: JPEG, PNG, WebP, BMP, TIFF, GIF)"
+    )
+
+
 def decode_image(
     data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_IMAGE_BYTES
 ) -> Image.Image:
@@ -55,34 +95,13 @@ def decode_image(
             header, before decoding), 415 when the bytes are not an image of an accepted
             format.
     """
+    img = open_image(data, max_pixels, max_bytes)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img: Image.Image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-            if img.width * img.height > max_pixels:
-                raise ApiError(
-                    413,
-                    f"image is {img.width}×{img.height} pixels; the limit is "
-                    f"{max_pixels / 1e6:.0f} megapixels. Downscale it first.",
-                )
-            need = decoded_bytes(img)
-            if need > max_bytes:
-                raise ApiError(
-                    413,
-                    f"image is {img.width}×{img.height} pixels ({img.mode}): decoded it needs "
-                    f"{need / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB this "
-                    "server keeps for images. Downscale it first.",
-                )
             img.load()
-    except ApiError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ApiError(413, f"image too large to decode safely ({exc})") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ApiError(
-            415,
-            "the upload is not a readable image (accepted: JPEG, PNG, WebP, BMP, TIFF, GIF)",
-        ) from exc
+        raise _not_an_image() from exc
     try:
         # in place: without an orientation tag nothing is copied (a 36-MP copy is 144 MB)
         ImageOps.exif_transpose(img, in_place=True)
@@ -108,6 +127,11 @@ class Decoder:
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
+
+    def measure(self, data: bytes) -> int:
+        """Bytes ``data`` will take once decoded, read from its header (413/415 as
+        :func:`open_image`)."""
+        return decoded_bytes(open_image(data, self.max_pixels, self.max_bytes))
 
     def decode(self, data: bytes) -> Image.Image:
         """Decode ``data`` now, or refuse with 503 when every slot is busy.
