@@ -16,6 +16,7 @@ from .compare import CKAAccumulator, CompareResult, build_compare, compare_model
 from .errors import FeatureMapsError, ImageError, LayerError, ModelError, ReduceError
 from .images import display_image, expand_inputs, load_image, preprocess, sample_image
 from .models import LoadedModel, Preprocess, available_models, load_model
+from .notebook import Explorer, explore
 from .options import RenderOptions
 from .pca import PCARecipe, PCAResult, pca_fit
 from .pipeline import analyze, run
@@ -32,6 +33,7 @@ __all__ = [
     "CKAAccumulator",
     "Capture",
     "CompareResult",
+    "Explorer",
     "FeatureMaps",
     "FeatureMapsError",
     "ImageError",
@@ -66,6 +68,7 @@ __all__ = [
     "debiased_cka",
     "display_image",
     "expand_inputs",
+    "explore",
     "list_layers",
     "load_image",
     "load_model",

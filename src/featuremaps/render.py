@@ -132,6 +132,14 @@ class Grid:
     factor: int
     cmap: str
 
+    def _repr_png_(self) -> bytes:
+        """The picture as PNG bytes, so a grid at the end of a notebook cell shows itself."""
+        import io
+
+        buf = io.BytesIO()
+        self.image.save(buf, format="PNG")
+        return buf.getvalue()
+
 
 def _chw_numpy(fmap: ArrayLike) -> np.ndarray:
     if isinstance(fmap, torch.Tensor):

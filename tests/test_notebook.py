@@ -1,0 +1,239 @@
+"""The notebook explorer: in-process checks, then a real kernel (nbclient + ipykernel) runs a
+notebook with two explorers, and Chromium clicks each one to show they are independent."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import featuremaps as fm
+from featuremaps.errors import FeatureMapsError
+from featuremaps.notebook import Explorer, cell_html, explore, maps_html, scoped_css
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, stride=2)
+    ).eval()
+
+
+def embedded(html: str) -> dict[str, Any]:
+    m = re.search(r'class="fm-explorer-data">(.*?)</script>', html, re.S)
+    assert m, "no embedded data"
+    return json.loads(m.group(1))  # type: ignore[no-any-return]
+
+
+def test_explore_a_tensor_batch_keeps_the_maps_and_embeds_them() -> None:
+    net = small_net()
+    x = torch.randn(2, 3, 20, 20)
+    ex = explore(net, x, ["0", "2"], max_channels=5, order="variance")
+    assert isinstance(ex, Explorer) and ex.names == ["image 0", "image 1"]
+    ref = fm.capture(net, x, ["0", "2"])
+    for name in ("0", "2"):
+        torch.testing.assert_close(ex.maps[name], ref[name])
+    assert ex.predictions == [None, None]
+    html = ex._repr_html_()
+    data = embedded(html)
+    assert len(data["images"]) == 2 and data["order"] == "variance"
+    for i in range(2):
+        t = ref["2"][i].numpy()
+        var = t.reshape(6, -1).astype(np.float64).var(1)
+        layer = data["images"][i]["layers"]["2"]
+        assert layer["channels"] == np.argsort(-var, kind="stable")[:5].tolist()
+        assert layer["atlas"].startswith("data:image/png;base64,")
+    assert re.search(r"https?://", html) is None  # offline: nothing to fetch
+    assert html.count("<script>") == 1 and "attachShadow" in html
+
+
+def test_each_display_has_its_own_id() -> None:
+    ex = explore(small_net(), torch.randn(1, 3, 16, 16), ["0"])
+    ids = {re.search(r'id="(fm-explorer-[0-9a-f]+)"', ex._repr_html_()).group(1) for _ in range(3)}  # type: ignore[union-attr]
+    assert len(ids) == 3
+
+
+def test_size_cap_subsamples_channels_and_says_so() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1)).eval()
+    ex = explore(net, torch.randn(1, 3, 64, 64), ["0"], max_channels=64, max_bytes=150_000)
+    data, note = ex.cell_data()
+    shown = len(data["images"][0]["layers"]["0"]["channels"])
+    assert shown < 64 and len(json.dumps(data)) <= 150_000
+    assert note and f"Showing {shown} channel(s)" in note and "max_channels" in note
+    assert note in ex._repr_html_() or "Showing" in ex._repr_html_()
+    full = explore(net, torch.randn(1, 3, 64, 64), ["0"], max_channels=64)
+    assert full.cell_data()[1] is None
+
+
+def test_bad_input_is_a_clear_error() -> None:
+    net = small_net()
+    with pytest.raises(FeatureMapsError, match="order"):
+        explore(net, torch.randn(1, 3, 8, 8), ["0"], order="sideways")
+    with pytest.raises(FeatureMapsError, match=r"\(B, 3, H, W\)"):
+        explore(net, torch.randn(1, 4, 8, 8), ["0"])
+    with pytest.raises(FeatureMapsError, match="max_bytes"):
+        explore(net, torch.randn(1, 3, 8, 8), ["0"], max_bytes=10)
+
+
+def test_save_writes_the_report(tmp_path: Path) -> None:
+    ex = explore(small_net(), torch.randn(1, 3, 16, 16), ["0", "2"])
+    out = ex.save(tmp_path / "x.html")
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith("<!doctype html>") and "Content-Security-Policy" in text
+
+
+def test_scoped_css_never_styles_the_page() -> None:
+    css = scoped_css(
+        ":root { --a: 1; }\nhtml, body { margin: 0; }\nbody {\n x: 1; }\n"
+        ".dlg-body { y: 2; }\n@media (max-width: 9px) {}"
+    )
+    assert ":root" not in css and ":host" in css
+    assert re.search(r"(^|[\s,}])(html|body)\s*[{,]", css) is None
+    assert ".dlg-body { y: 2; }" in css and "@container (max-width: 9px)" in css
+
+
+def test_objects_display_themselves() -> None:
+    grid = fm.render_grid(torch.rand(4, 6, 6))
+    png = grid._repr_png_()
+    assert png.startswith(b"\x89PNG")
+    maps = fm.capture(small_net(), torch.randn(1, 3, 16, 16), ["0", "2"])
+    table = maps_html(maps)
+    assert table.count("<tr>") == 3 and "data:image/png;base64," in table
+    assert "1×6×7×7" in table
+    assert cell_html(
+        {
+            "title": "t",
+            "model": "m",
+            "weights": "w",
+            "preprocess": "p",
+            "full_image": False,
+            "order_text": "by index",
+            "images": [],
+            "layers": [],
+        }
+    ).startswith('<div class="fm-explorer"')
+
+
+# -- a real kernel ---------------------------------------------------------------------------
+
+SETUP = """\
+import torch
+from torch import nn
+import featuremaps as fm
+torch.manual_seed(0)
+net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, stride=2)).eval()
+"""
+
+
+def run_notebook(cells: list[str], tmp_path: Path) -> Any:
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in cells]
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()
+    return nb
+
+
+def outputs(cell: Any, mime: str) -> list[str]:
+    return [
+        o["data"][mime]
+        for o in cell.outputs
+        if o.get("output_type") in ("execute_result", "display_data") and mime in o.get("data", {})
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_two_explorers_in_a_real_kernel(tmp_path: Path) -> None:
+    cells = [
+        SETUP,
+        'ex1 = fm.explore(net, torch.randn(2, 3, 24, 24), layers=["0", "2"], max_channels=6)\nex1',
+        'ex2 = fm.explore(net, [fm.sample_image("cat")], layers=["1"], max_channels=4)\nex2',
+        'print(tuple(ex1.maps["2"].shape), ex2.names)\nfm.render_grid(ex1.maps["0"][0])',
+    ]
+    nb = run_notebook(cells, tmp_path)
+    h1, h2 = outputs(nb.cells[1], "text/html")[0], outputs(nb.cells[2], "text/html")[0]
+    id1 = re.search(r'id="(fm-explorer-[0-9a-f]+)"', h1).group(1)  # type: ignore[union-attr]
+    id2 = re.search(r'id="(fm-explorer-[0-9a-f]+)"', h2).group(1)  # type: ignore[union-attr]
+    assert id1 != id2
+    d1, d2 = embedded(h1), embedded(h2)
+    assert [layer["name"] for layer in d1["layers"]] == ["0", "2"] and len(d1["images"]) == 2
+    assert [layer["name"] for layer in d2["layers"]] == ["1"] and d2["images"][0][
+        "name"
+    ] == "cat.jpg"
+    assert len(d1["images"][0]["layers"]["0"]["channels"]) == 6
+    for h in (h1, h2):
+        assert re.search(r"https?://", h) is None
+        assert re.search(r'(src|href)="(?!data:)', h) is None
+    text = "".join(o.get("text", "") for o in nb.cells[3].outputs if o["output_type"] == "stream")
+    assert "(2, 6, 11, 11) ['cat.jpg']" in text
+    assert outputs(nb.cells[3], "image/png"), "the grid shows itself"
+    _click_both(h1, h2, tmp_path)
+
+
+def _click_both(h1: str, h2: str, tmp_path: Path) -> None:
+    """Chromium: a layer click and a channel click each change only their own explorer."""
+    pw = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("/usr/bin/chromium")
+    if chromium is None:
+        pytest.skip("no Chromium at /usr/bin/chromium")
+    page_file = tmp_path / "cells.html"
+    page_file.write_text(
+        "<!doctype html><meta charset=utf-8><style>h1{color:rgb(1, 2, 3)}</style>"
+        f"<h1>notebook</h1><div class=out>{h1}</div><div class=out>{h2}</div>",
+        encoding="utf-8",
+    )
+    with pw.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=chromium,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            requests: list[str] = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(page_file.as_uri())
+            views = page.locator(".fm-explorer-view")
+            page.wait_for_function(
+                "[...document.querySelectorAll('.fm-explorer-view')]"
+                ".every(v => v.dataset.ready === '1')"
+            )
+            assert views.evaluate_all("vs => vs.map(v => v.dataset.layer)") == ["0", "1"]
+            # the notebook's own style is untouched, and the explorer's stays inside
+            assert page.eval_on_selector("h1", "e => getComputedStyle(e).color") == "rgb(1, 2, 3)"
+            assert page.eval_on_selector("body", "e => getComputedStyle(e).margin") == "8px"
+            views.nth(0).locator("#layer-nav button[data-layer='2']").click()
+            page.wait_for_function(
+                "document.querySelectorAll('.fm-explorer-view')[0].dataset.layer === '2'"
+            )
+            assert views.evaluate_all("vs => vs.map(v => v.dataset.layer)") == ["2", "1"]
+            assert views.nth(0).locator("#img-1 .grid[data-layer='2'] .cell").count() == 6
+            views.nth(1).locator("#img-0 .cell[data-channel='2']").click()
+            views.nth(1).locator("#channel-dialog[open][data-channel='2']").wait_for()
+            assert views.nth(0).locator("#channel-dialog[open]").count() == 0
+            assert views.nth(1).locator("#dlg-title").inner_text() == "1 · channel 2"
+            page.screenshot(path=str(tmp_path / "cells.png"))
+            assert errors == []
+            assert [u for u in requests if not u.startswith(("file:", "data:", "blob:"))] == []
+        finally:
+            browser.close()
