@@ -141,6 +141,8 @@ def build_atlas(
     score, engine, precision = _check_options(
         top, score, batch_size, workers, engine, precision, n_components, report_url
     )
+    if gpus_per_worker is not None and not 0 <= gpus_per_worker <= 64:
+        raise OptionError(f"--gpus-per-worker {gpus_per_worker:g}: use 0 to 64 (fractions share)")
     options = EngineOptions(workers, device, precision, gpus_per_worker, ray_address)
     runner = create_engine(engine, options)  # a missing device or Ray fails here
     paths = dataset_paths(data)

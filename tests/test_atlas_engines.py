@@ -1,0 +1,164 @@
+"""The engine contract, the choice of devices and GPUs, and reduced-precision forwards.
+
+Everything here runs on the CPU; what needs a GPU is said in the README.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from featuremaps import FeatureMapsError, LoadedModel, capture
+from featuremaps.atlas import (
+    Engine,
+    EngineOptions,
+    LoadedBatch,
+    build_atlas,
+    create_engine,
+    process_batch,
+)
+from featuremaps.atlas.batch import AtlasSpec, Precision
+from featuremaps.atlas.engines.local import LocalEngine
+from featuremaps.models import Preprocess
+
+
+@pytest.fixture
+def tiny_model() -> LoadedModel:
+    from conftest import ToyNet
+
+    torch.manual_seed(0)
+    return LoadedModel(ToyNet().eval(), Preprocess(resize=32, crop=32), "toy", "random")
+
+
+def test_both_engines_fulfil_the_protocol_and_declare_what_they_can() -> None:
+    local = create_engine("local", EngineOptions(device="cpu"))
+    assert isinstance(local, Engine) and isinstance(local, LocalEngine)
+    assert local.capabilities.name == "local" and not local.capabilities.multi_node
+    pytest.importorskip("ray")
+    from featuremaps.atlas.engines.ray import RayEngine
+
+    ray_engine = create_engine("ray", EngineOptions())
+    assert isinstance(ray_engine, Engine) and isinstance(ray_engine, RayEngine)
+    caps = ray_engine.capabilities
+    assert caps.multi_node and caps.remote_reads and caps.gpu_workers and "cuda" in caps.devices
+    with pytest.raises(FeatureMapsError, match="--engine 'spark'"):
+        create_engine("spark", EngineOptions())
+
+
+def _imports(path: Path) -> set[str]:
+    """The modules ``path`` imports, relative ones written with their dots."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            found.add("." * node.level + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def test_engines_do_not_import_each_other() -> None:
+    root = Path(__file__).parents[1] / "src" / "featuremaps" / "atlas" / "engines"
+    local, ray_ = _imports(root / "local.py"), _imports(root / "ray.py")
+    assert ".base" in local and ".base" in ray_
+    assert not {".ray", "ray", "ray.data"} & local
+    assert ".local" not in ray_
+
+
+def test_local_device_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert LocalEngine(EngineOptions(device="cpu")).device == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert LocalEngine(EngineOptions(device="auto")).device.type in ("cpu", "mps")
+    with pytest.raises(FeatureMapsError, match="--device cuda"):
+        LocalEngine(EngineOptions(device="cuda"))
+
+
+def test_ray_gpus_per_worker_default_and_actor_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("ray")
+    from featuremaps.atlas.engines.ray import actor_device, default_gpus_per_worker
+
+    assert default_gpus_per_worker({"CPU": 16.0}) == 0
+    assert default_gpus_per_worker({"CPU": 16.0, "GPU": 0.0}) == 0
+    assert default_gpus_per_worker({"CPU": 16.0, "GPU": 8.0}) == 1
+    assert actor_device(0) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(FeatureMapsError, match=r"--gpus-per-worker 1: .*no CUDA device"):
+        actor_device(1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert actor_device(1) == torch.device("cuda")
+    assert actor_device(0.5) == torch.device("cuda")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"precision": "fp8"}, r"--precision 'fp8': use fp32, bf16 or fp16"),
+        ({"gpus_per_worker": -1}, "--gpus-per-worker -1"),
+        ({"workers": -1}, "--workers -1"),
+    ],
+)
+def test_bad_engine_options_fail_before_any_work(
+    kwargs: dict[str, object], match: str, tmp_path: Path
+) -> None:
+    with pytest.raises(FeatureMapsError, match=match):
+        build_atlas("resnet18", tmp_path, "layer1", tmp_path / "out", **kwargs)  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
+
+
+def _batch(n: int = 3) -> LoadedBatch:
+    torch.manual_seed(4)
+    return LoadedBatch(0, np.arange(n, dtype=np.int64), torch.randn(n, 3, 32, 32), [])
+
+
+@pytest.mark.parametrize("precision", [Precision.BF16, Precision.FP16])
+def test_reduced_precision_forward_keeps_float32_statistics(
+    precision: Precision, tiny_model: LoadedModel
+) -> None:
+    spec = AtlasSpec(("features.3",), (16,), "max", 2)
+    batch = _batch()
+    cpu = torch.device("cpu")
+    low = process_batch(tiny_model.module, batch, spec, cpu, precision).layers[0]
+    full = process_batch(tiny_model.module, batch, spec, cpu, "fp32").layers[0]
+    assert low.scores.dtype == np.float32 and low.total.dtype == np.float64
+    assert low.pca.cosum.dtype == torch.float64 and low.pca.sum.dtype == torch.float64
+    dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}[precision]
+    with torch.autocast("cpu", dtype=dtype):  # an independent reduced-precision capture
+        maps = capture(tiny_model.module, batch.x, ["features.3"])["features.3"]
+    assert maps.dtype == dtype  # the forward really ran in the reduced type
+    flat = maps.float().numpy().reshape(3, 16, -1)
+    best = flat.max(2)  # (image, channel)
+    for c in range(16):
+        order = sorted(range(3), key=lambda i: (-best[i, c], i))[:2]
+        assert low.ids[c].tolist() == order
+        assert low.scores[c].tolist() == [best[i, c] for i in order]
+    np.testing.assert_allclose(low.total, flat.sum(2, dtype=np.float64).sum(0), rtol=1e-6)
+    assert not np.array_equal(low.scores, full.scores)  # fp32 is not what ran
+    np.testing.assert_allclose(low.scores, full.scores, rtol=0.05, atol=0.05)
+
+
+def test_fp32_is_the_default_and_bitwise_unchanged(tiny_model: LoadedModel) -> None:
+    spec = AtlasSpec(("features.3",), (16,), "mean", 2)
+    cpu = torch.device("cpu")
+    a = process_batch(tiny_model.module, _batch(), spec, cpu).to_bytes()
+    b = process_batch(tiny_model.module, _batch(), spec, cpu, Precision.FP32).to_bytes()
+    assert a == b
+
+
+def test_atlas_in_bf16_through_the_local_engine(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    result = build_atlas(
+        tiny_model, data, "features.3", tmp_path / "out", top=2, workers=0, precision="bf16"
+    )
+    doc = json.loads(result.atlas_json.read_text())
+    assert result.images_used == 5 and len(doc["layers"]["features.3"]["channels"]) == 16
+    assert next(tiny_model.module.parameters()).device.type == "cpu"
