@@ -102,7 +102,7 @@ def test_page_and_assets_come_from_the_server_only(client: TestClient) -> None:
     assert "default-src 'self'" in page.headers["content-security-policy"]
     for url in re.findall(r'(?:src|href)="([^"]+)"', page.text):
         assert url.startswith(("/static/", "data:")), url
-    for asset in ("/static/viewer.js", "/static/viewer.css"):
+    for asset in ("/static/common.js", "/static/viewer.js", "/static/viewer.css"):
         r = client.get(asset)
         assert r.status_code == 200 and len(r.text) > 1000
         assert re.search(r"https?://", r.text) is None, asset

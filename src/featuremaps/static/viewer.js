@@ -21,20 +21,7 @@
 
   // -- helpers ---------------------------------------------------------------------------
 
-  function el(tag, cls, text) {
-    const node = document.createElement(tag);
-    if (cls) node.className = cls;
-    if (text !== undefined && text !== null) node.textContent = String(text);
-    return node;
-  }
-
-  function fmt(v) {
-    if (v === null || v === undefined) return "–";
-    if (v === 0) return "0";
-    const a = Math.abs(v);
-    if (a >= 1e4 || a < 1e-3) return v.toExponential(2);
-    return String(parseFloat(v.toPrecision(4)));
-  }
+  const { el, fmt } = featuremapsCommon; // static/common.js, shared with the report
 
   async function api(url, options) {
     const r = await fetch(url, options);

@@ -7,7 +7,7 @@ from functools import cache
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, Response
 
-from ...report import asset
+from ...report.html import asset
 
 router = APIRouter()
 
@@ -25,6 +25,12 @@ def index() -> HTMLResponse:
 @router.get("/static/viewer.js")
 def viewer_js() -> Response:
     return Response(asset("static/viewer.js"), media_type="text/javascript; charset=utf-8")
+
+
+@router.get("/static/common.js")
+def common_js() -> Response:
+    """Helpers shared with the report (``el``, ``fmt``, ...)."""
+    return Response(asset("static/common.js"), media_type="text/javascript; charset=utf-8")
 
 
 @router.get("/static/viewer.css")
