@@ -26,7 +26,7 @@ from featuremaps.compare import CKAAccumulator, build_compare, compare_models, d
 from featuremaps.compare.outputs import PICTURE_SIZE, page_data
 from featuremaps.errors import FeatureMapsError, LayerError, ReduceError
 from featuremaps.models import LoadedModel, Preprocess
-from featuremaps.reduce import pca_rgb
+from featuremaps.pca import pca_rgb
 from featuremaps.render import pca_picture
 
 # -- an independent reference: the formulas written out in numpy ------------------------------

@@ -1,15 +1,14 @@
 """What ``featuremaps compare`` writes: ``cka.json``, ``cka.png`` and ``compare.html``.
 
 The heatmap is drawn with matplotlib's object API on the Agg canvas (no pyplot state).
-The page is one self-contained file: its style and script are inline and allowed by hash
-in a Content-Security-Policy that forbids every request; the data travels as JSON in a
+The page is one self-contained file built with the report's page helpers
+(:mod:`featuremaps.report.html`): its style and script are inline and allowed by hash in a
+Content-Security-Policy that forbids every request; the data travels as JSON in a
 ``<script type="application/json">`` element, escaped so no text can close it.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import html
 import io
 import math
@@ -23,14 +22,10 @@ from PIL import Image
 
 from .._files import atomic_path, write_bytes, write_json
 from ..errors import ReduceError
-from ..reduce import pca_rgb
+from ..pca import pca_rgb
 from ..render import colormap_lut, pca_picture
+from ..report.html import asset, data_url, fill_template, inline_csp, script_json
 from .run import ESTIMATOR, CompareResult, Side
-
-try:  # H2 may move the report's page helpers into a subpackage
-    from ..report.html import asset, fill_template, script_json  # type: ignore[import-not-found]
-except ImportError:
-    from ..report import asset, fill_template, script_json
 
 JSON_NAME = "cka.json"
 PNG_NAME = "cka.png"
@@ -112,13 +107,6 @@ def _cmap() -> Any:
     return cmap
 
 
-def _data_url(img: Image.Image, fmt: str = "PNG", **save: Any) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **save)
-    mime = "image/jpeg" if fmt == "JPEG" else "image/png"
-    return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def layer_pictures(maps: torch.Tensor) -> tuple[list[np.ndarray], str | None]:
     """PCA pictures of one layer's example maps, ``(N, C, H, W)``, fitted jointly.
 
@@ -157,7 +145,7 @@ def page_data(result: CompareResult) -> dict[str, Any]:
                 {
                     "name": name,
                     "shape": list(shape),
-                    "pictures": [_data_url(Image.fromarray(p), optimize=True) for p in pictures],
+                    "pictures": [data_url(Image.fromarray(p), optimize=True) for p in pictures],
                     "error": error,
                 }
             )
@@ -171,7 +159,7 @@ def page_data(result: CompareResult) -> dict[str, Any]:
         "layers_b": side(result.b, result.example_maps_b),
         "matrix": [[None if math.isnan(v) else round(float(v), 6) for v in row] for row in m],
         "colours": [[_colour(float(v)) for v in row] for row in m],
-        "images": [_data_url(Image.fromarray(x), "JPEG", quality=85) for x in result.examples],
+        "images": [data_url(Image.fromarray(x), "JPEG", quality=85) for x in result.examples],
         "images_used": result.images_used,
         "images_total": result.images_total,
         "skipped": len(result.skipped),
@@ -183,22 +171,13 @@ def page_data(result: CompareResult) -> dict[str, Any]:
     }
 
 
-def _csp_hash(text: str) -> str:
-    digest = hashlib.sha256(text.encode("utf-8")).digest()
-    return "'sha256-" + base64.b64encode(digest).decode("ascii") + "'"
-
-
 def render_page(data: dict[str, Any]) -> str:
     """The self-contained HTML page of a comparison."""
     from .. import __version__
 
     css = asset("static/common.css") + asset("static/compare.css")
     js = asset("static/compare.js")
-    csp = (
-        "default-src 'none'; img-src data:; "
-        f"style-src {_csp_hash(css)}; script-src {_csp_hash(js)}; "
-        "base-uri 'none'; form-action 'none'"
-    )
+    csp = inline_csp([css], [js], img_src="data:")
     a, b = data["model_a"], data["model_b"]
     esc = html.escape
     title = f"{a['model']} ({a['weights']}) vs {b['model']} ({b['weights']})"
