@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, Field
 
+from ..summaries import json_floats
 from .jobs import Job, JobStatus
 
 Floats = list[float | None]
@@ -100,9 +102,9 @@ class LayerOut(BaseModel):
     channels: int
     dead_count: int
     dead_share: float
-    layer_min: float
-    layer_mean: float
-    layer_max: float
+    layer_min: float | None
+    layer_mean: float | None
+    layer_max: float | None
     min: Floats
     mean: Floats
     max: Floats
@@ -115,9 +117,9 @@ class ChannelOut(BaseModel):
     layer: str
     channel: int
     shape: list[int]
-    min: float
-    mean: float
-    max: float
+    min: float | None
+    mean: float | None
+    max: float | None
     dead: bool
     norm: str
     vmin: float
@@ -140,9 +142,7 @@ class GridMeta(BaseModel):
 
 def floats(values: Any) -> Floats:
     """JSON numbers of an array: 6 significant digits, None where not finite."""
-    import numpy as np
-
-    return [float(f"{v:.6g}") if np.isfinite(v) else None for v in np.asarray(values, np.float64)]
+    return json_floats(np.asarray(values, np.float64).ravel(), 6)
 
 
 def job_out(job: Job) -> JobOut:

@@ -21,7 +21,7 @@ from ..capture import LayerInfo, capture
 from ..errors import FeatureMapsError, suggest
 from ..images import SAMPLES, sample_image
 from ..models import LoadedModel, load_model
-from ..reduce import channel_stats
+from ..summaries import ChannelStats, LayerSummary
 from .config import too_large
 from .errors import ApiError
 from .upload import RETRY_AFTER_S, Decoder
@@ -245,7 +245,7 @@ class CaptureEntry:
     predictions: list[dict[str, Any]] | None
     classifier: bool = False
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
-    stats: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    summaries: dict[str, LayerSummary] = field(default_factory=dict)
     pictures: dict[tuple[Any, ...], tuple[bytes, str]] = field(default_factory=dict)
 
     def layer_info(self, name: str) -> LayerInfo:
@@ -320,14 +320,17 @@ class CaptureStore:
         self._entries.refresh()
         return t
 
-    def layer_stats(self, entry: CaptureEntry, layer: str) -> dict[str, np.ndarray]:
-        """Per-channel min, mean, max and dead flags of a layer (computed once)."""
-        stats = entry.stats.get(layer)
-        if stats is None:
-            stats = channel_stats(self.layer_map(entry, layer))
+    def layer_summary(self, entry: CaptureEntry, layer: str) -> LayerSummary:
+        """The layer's :class:`~featuremaps.summaries.LayerSummary` (computed once)."""
+        summary = entry.summaries.get(layer)
+        if summary is None:
+            t = self.layer_map(entry, layer)
+            c, h, w = (int(n) for n in t.shape)
+            info = entry.layer_info(layer).to_dict()
+            summary = LayerSummary(layer, info, c, h, w, ChannelStats.from_map(t))
             with self._lock:
-                entry.stats[layer] = stats
-        return stats
+                entry.summaries[layer] = summary
+        return summary
 
     def picture(
         self, entry: CaptureEntry, key: tuple[Any, ...], draw: Callable[[], tuple[bytes, str]]

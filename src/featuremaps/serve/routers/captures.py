@@ -11,6 +11,7 @@ from PIL import Image
 from ...options import Norm
 from ...pipeline import predictions_note
 from ...reduce import compute_scaling
+from ...summaries import json_float
 from ..deps import Entry, LayerName, State
 from ..pictures import channel_map, png, png_response, ticks
 from ..schemas import (
@@ -20,7 +21,6 @@ from ..schemas import (
     JobOut,
     LayerOut,
     LayerRow,
-    floats,
     job_out,
 )
 
@@ -74,25 +74,25 @@ def input_png(e: Entry) -> Response:
 
 @router.get("/captures/{capture_id}/layer")
 def layer_info(e: Entry, state: State, layer: LayerName) -> LayerOut:
-    t = state.captures.layer_map(e, layer)
-    stats = state.captures.layer_stats(e, layer)
+    """The layer's summary (the one every view shows) with its map's ``(C, H, W)``."""
+    s = state.captures.layer_summary(e, layer)
+    stats = s.stats.to_json(6)
     info = e.layer_info(layer)
-    dead = stats["dead"]
     return LayerOut(
         name=layer,
-        type=info.module_type,
-        shape=list(t.shape),
+        type=s.module_type,
+        shape=[s.channels, s.height, s.width],
         stride=list(info.stride) if info.stride else None,
-        channels=int(t.shape[0]),
-        dead_count=int(dead.sum()),
-        dead_share=float(dead.mean()),
-        layer_min=float(stats["min"].min()),
-        layer_mean=float(stats["mean"].mean()),
-        layer_max=float(stats["max"].max()),
-        min=floats(stats["min"]),
-        mean=floats(stats["mean"]),
-        max=floats(stats["max"]),
-        dead=[bool(v) for v in dead],
+        channels=s.channels,
+        dead_count=s.dead_count,
+        dead_share=s.dead_share,
+        layer_min=json_float(s.layer_min),
+        layer_mean=json_float(s.layer_mean),
+        layer_max=json_float(s.layer_max),
+        min=stats["min"],
+        mean=stats["mean"],
+        max=stats["max"],
+        dead=stats["dead"],
     )
 
 
@@ -106,15 +106,15 @@ def channel_info(
 ) -> ChannelOut:
     m = channel_map(state.captures.layer_map(e, layer), channel)
     s = compute_scaling(m, norm, per_channel=True)
-    stats = state.captures.layer_stats(e, layer)
+    stats = state.captures.layer_summary(e, layer).stats
     return ChannelOut(
         layer=layer,
         channel=channel,
         shape=list(m.shape[1:]),
-        min=float(stats["min"][channel]),
-        mean=float(stats["mean"][channel]),
-        max=float(stats["max"][channel]),
-        dead=bool(stats["dead"][channel]),
+        min=json_float(stats.min[channel]),
+        mean=json_float(stats.mean[channel]),
+        max=json_float(stats.max[channel]),
+        dead=bool(stats.dead[channel]),
         norm=s.norm,
         vmin=float(s.vmin[0]),
         vmax=float(s.vmax[0]),
