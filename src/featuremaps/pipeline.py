@@ -36,8 +36,9 @@ from .errors import FeatureMapsError, Interrupted, ReduceError
 from .images import display_image, expand_inputs, load_image, preprocess
 from .models import LoadedModel, load_model
 from .options import Device, RenderOptions, parse_choice
-from .reduce import PCABasis, channel_stats, load_bases, pca_rgb
+from .reduce import PCABasis, load_bases, pca_rgb
 from .render import pca_panel, render_grid
+from .summaries import LayerSummary
 
 Progress = Callable[[str, int, int], None]
 """Called after each step as ``progress(phase, done, total)``."""
@@ -215,26 +216,6 @@ def analyze(
             progress=progress,
         )
     )
-
-
-def layer_record(name: str, fm: FeatureMaps) -> dict[str, Any]:
-    """Manifest entry of one layer: shape, module info and per-channel statistics."""
-    t = fm[name][0]
-    stats = channel_stats(t)
-    info = fm.info[name].to_dict()
-    return {
-        **info,
-        "channels": int(t.shape[0]),
-        "dead_share": float(stats["dead"].mean()),
-        "min": _finite_list(stats["min"]),
-        "mean": _finite_list(stats["mean"]),
-        "max": _finite_list(stats["max"]),
-    }
-
-
-def _finite_list(values: np.ndarray) -> list[float | None]:
-    """Floats for JSON; NaN/Inf (only kept with ``allow_nan``) become ``null``."""
-    return [float(v) if np.isfinite(v) else None for v in values]
 
 
 MAX_GRID_PIXELS = 64_000_000
@@ -446,7 +427,7 @@ def _write_image(
             grid = render_grid(t, **opts.grid_kwargs())
             fname = f"{_safe(name)}.png"
             files.append(_save(grid.image, folder / fname))
-            rec = layer_record(name, res.maps)
+            rec = LayerSummary.from_maps(name, res.maps).to_json()
             rec["grid"] = f"{res.key}/{fname}"
             rec["grid_channels"] = grid.channels
             del grid
