@@ -237,3 +237,45 @@ def _click_both(h1: str, h2: str, tmp_path: Path) -> None:
             assert [u for u in requests if not u.startswith(("file:", "data:", "blob:"))] == []
         finally:
             browser.close()
+
+
+TOUR = ROOT / "examples" / "tour.ipynb"
+
+
+def test_tour_is_stored_without_outputs() -> None:
+    nb = json.loads(TOUR.read_text(encoding="utf-8"))
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert code and all(c["outputs"] == [] and c["execution_count"] is None for c in code)
+
+
+@pytest.mark.slow
+def test_tour_runs_in_a_real_kernel(tmp_path: Path) -> None:
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    nb = nbformat.read(TOUR, as_version=4)
+    nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    text = "".join(
+        o.get("text", "") for c in code for o in c.outputs if o["output_type"] == "stream"
+    )
+    # the in-place ReLU pitfall, with numbers: the naive hook lost every negative value
+    naive = re.search(r"naive hook:  min (\S+)  negative values: (\d+)", text)
+    ours = re.search(r"featuremaps: min (\S+)  negative values: (\d+)", text)
+    assert naive and ours, text
+    assert float(naive.group(1)) == 0.0 and naive.group(2) == "0"
+    assert float(ours.group(1)) < 0 and int(ours.group(2)) > 0
+    assert "after ReLU they agree: True" in text
+    assert "layer4   (1, 2048, 7, 7)  stride (32.0, 32.0)" in text
+    labels = re.search(r"\['([^']+)', '([^']+)'\]", text)
+    assert labels and labels.group(1) in ("Egyptian cat", "tabby", "tiger cat")
+    assert labels.group(2) == "espresso"
+    pngs = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(pngs) == 2  # the channel grid and the PCA panel show themselves
+    html = [
+        o["data"]["text/html"] for c in code for o in c.outputs if "text/html" in o.get("data", {})
+    ]
+    assert len(html) == 1 and 'class="fm-explorer"' in html[0]
+    assert re.search(r"https?://", html[0]) is None
