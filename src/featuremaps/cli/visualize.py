@@ -18,12 +18,11 @@ def visualize(
         list[str],
         typer.Option(
             "--objective",
-            "-o",
             help="channel:LAYER:C (or a range A-B), neuron:LAYER:C, class:K, class:LABEL "
             "or layer:LAYER; repeat for more (all are optimized as one batch).",
         ),
     ],
-    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     weights: WeightsOpt = "DEFAULT",
     steps: Annotated[int, typer.Option(min=1, help="Optimization steps.")] = 512,
     size: Annotated[int, typer.Option(min=8, help="Side of the pictures in pixels.")] = 224,
