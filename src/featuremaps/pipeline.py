@@ -495,7 +495,7 @@ class _ActivationSpool:
         if t.dtype not in self._DTYPES:
             t = t.float()
         data = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-        self._data.write(data)
+        _write_file(lambda: self._data.write(data), self.path)
         self._header[name] = {
             "dtype": self._DTYPES[t.dtype],
             "shape": list(t.shape),
@@ -526,7 +526,7 @@ class _ActivationSpool:
         self._data.close()
 
 
-def _write_file(write: Callable[[], None], path: Path) -> None:
+def _write_file(write: Callable[[], object], path: Path) -> None:
     """Run ``write``; an OSError becomes one line naming ``path`` and the cause."""
     try:
         write()
