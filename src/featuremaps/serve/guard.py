@@ -8,7 +8,7 @@ these checks, whatever address the server binds:
   name given with ``--allow-host``. Anything else gets 400.
 - **Token**: a server bound beyond loopback without ``--allow-host`` (or with a wildcard
   one) makes up an access token, printed at start as a URL with ``?token=...`` (as
-  Jupyter does). The first visit with it sets an HttpOnly, SameSite=Strict cookie;
+  Jupyter does). A request with it gets an HttpOnly, SameSite=Strict cookie;
   requests with neither get 403 saying where the token is.
 - **Origin**: when a request carries one, its scheme, host and port must be those of the
   server as the browser addressed it (``http://localhost:9999`` against a server on
@@ -196,7 +196,7 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         from starlette.requests import Request
-        from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse
+        from starlette.responses import JSONResponse, PlainTextResponse
 
         request = Request(scope)
         api = scope["path"].startswith("/api/")
@@ -232,15 +232,10 @@ class GuardMiddleware:
         if not set_cookie:
             await self.app(scope, receive, send)
             return
+        # The response itself (no redirect: a Strict cookie set on a redirect reached from
+        # another site would not come back with the redirected request); the page then
+        # drops the token from the address bar (viewer.js).
         cookie = dict(key=g.cookie, value=g.token, httponly=True, samesite="strict", path="/")
-        if not api and request.method in ("GET", "HEAD"):
-            # the page: store the token and drop it from the address bar
-            rest = [(k, v) for k, v in request.query_params.multi_items() if k != TOKEN_PARAM]
-            target = scope["path"] + ("?" + urlencode(rest) if rest else "")
-            response = RedirectResponse(target, status_code=303)
-            response.set_cookie(**cookie)  # type: ignore[arg-type]
-            await response(scope, receive, send)
-            return
         header = _cookie_header(**cookie)  # type: ignore[arg-type]
 
         async def send_with_cookie(message: dict[str, Any]) -> None:

@@ -77,7 +77,17 @@
 
   // -- configuration ---------------------------------------------------------------------
 
+  /** Drop ?token=... from the address bar once the server has set its cookie. */
+  function forgetToken() {
+    const params = new URLSearchParams(location.search);
+    if (!params.has("token")) return;
+    params.delete("token");
+    const rest = params.toString();
+    history.replaceState(null, "", location.pathname + (rest ? "?" + rest : "") + location.hash);
+  }
+
   async function loadConfig() {
+    forgetToken();
     state.config = await (await api("/api/config")).json();
     const list = $("model-list");
     for (const m of state.config.models) {
