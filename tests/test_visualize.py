@@ -298,6 +298,13 @@ def test_token_channels_last_and_dict_outputs(factory: type, layer: str, channel
         visualize(net, f"channel:{layer}:{channels}", **FAST)
 
 
+def test_a_fixed_size_vit_asks_for_its_size() -> None:
+    from featuremaps.errors import ModelError
+
+    with pytest.raises(ModelError, match=r"takes only 32x32 inputs.*use --size 32"):
+        visualize(_tiny_vit(), "channel:encoder.layers.encoder_layer_0:0", steps=2, size=48)
+
+
 def test_a_dict_output_needs_its_entry() -> None:
     with pytest.raises(ObjectiveError, match=r"gives several maps .*name one: body\[fine\]"):
         visualize(_DictNet(), "channel:body:0", **FAST)

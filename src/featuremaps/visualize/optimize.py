@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..capture import hooked, list_layers
+from ..capture import check_input_size, hooked, list_layers
 from ..errors import FeatureMapsError, LayerError, ModelError
 from ..models import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, Preprocess
 from .image import NO_TRANSFORMS, FourierImage, Transforms, random_view
@@ -184,6 +184,15 @@ def visualize(
         )
     tf = transforms if transforms is not None else NO_TRANSFORMS
     tf.validate()
+    try:
+        check_input_size(module, torch.empty(1, 3, size, size, device="meta"))
+    except ModelError:  # a torchvision ViT: one input size only
+        fixed = getattr(module, "image_size", size)
+        raise ModelError(
+            f"size {size}: this torchvision {type(module).__name__} takes only {fixed}x{fixed} "
+            f"inputs (its image_size); use --size {fixed}, or a timm ViT (timm:NAME), which "
+            "takes any size"
+        ) from None
     objs = parse_objectives(objectives)
     dev = _resolve(device)
     where = dev or _device_of(module)
