@@ -176,6 +176,12 @@ def read_frames(path: str | Path, fps: float | None = None) -> Iterator[tuple[in
         VideoError: a missing or unreadable file, no video stream, a decoding error
             (named with the frame it happened at), or no frame at all.
     """
+    for index, arr in _decoded(path, fps):
+        yield index, Image.fromarray(arr)
+
+
+def _decoded(path: str | Path, fps: float | None) -> Iterator[tuple[int, np.ndarray]]:
+    """:func:`read_frames` as ``(H, W, 3)`` uint8 arrays."""
     if fps is not None and not (math.isfinite(fps) and fps > 0):
         raise VideoError(f"fps must be a positive number, got {fps}")
     av = _av()
@@ -198,7 +204,7 @@ def read_frames(path: str | Path, fps: float | None = None) -> Iterator[tuple[in
                     if slot <= last_slot:
                         continue
                     last_slot = slot
-                yield index, frame.to_image().convert("RGB")
+                yield index, frame.to_ndarray(format="rgb24")
         except (av.FFmpegError, OSError, ValueError) as exc:
             where = f"after frame {index}" if index >= 0 else "before the first frame"
             raise VideoError(
@@ -461,22 +467,19 @@ def _forward_pass(
 ) -> list[int]:
     """Decode, preprocess and run the model; maps and shown frames go to ``scratch``."""
     from .capture import capture
-    from .images import display_image
-    from .images import preprocess as prep
 
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     indices: list[int] = []
-    batch: list[torch.Tensor] = []
+    batch: list[np.ndarray] = []
     t0 = time.perf_counter()
 
     def flush() -> None:
-        x = torch.stack(batch).to(device)
-        maps = capture(module, x, layers)
+        x, shown = _prepare(batch, pp, full)
+        maps = capture(module, x.to(device), layers)
         if not scratch.frames:
             _check_channels(maps, channels)
         for name, t in maps.items():
             scratch.append(f"map:{name}", t.numpy().astype(np.float32, copy=False))
-        shown = np.stack([display_image(xi, pp) for xi in x.cpu()])
         scratch.append("shown", shown)
         scratch.frames += len(batch)
         batch.clear()
@@ -484,14 +487,44 @@ def _forward_pass(
             rate = scratch.frames / max(time.perf_counter() - t0, 1e-9)
             progress(VideoProgress("forward", scratch.frames, total, rate))
 
-    for index, img in read_frames(src, fps):
+    for index, arr in _decoded(src, fps):
         indices.append(index)
-        batch.append(prep(img, pp, full=full))
+        batch.append(arr)
         if len(batch) == batch_size:
             flush()
     if batch:
         flush()
     return indices
+
+
+def _prepare(
+    frames: Sequence[np.ndarray], pp: Preprocess, full: bool
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Frames as the model's input batch and as shown: ``(B, 3, h, w)``, ``(B, h, w, 3)``.
+
+    The steps of :func:`featuremaps.images.preprocess` (resize of the short side with
+    antialiasing, centre crop, scale, normalize) on the whole batch at once; the frames
+    shown are the resized, cropped pixels before normalization.
+    """
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    sizes = sorted({f.shape for f in frames})
+    if len(sizes) > 1:
+        raise VideoError(
+            f"the video changes its frame size ({sizes[0][1]}x{sizes[0][0]} and "
+            f"{sizes[1][1]}x{sizes[1][0]}); re-encode it at one size"
+        )
+    t = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)
+    resize = pp.resize or pp.crop
+    crop = None if full else pp.crop
+    if resize:
+        interp = InterpolationMode(pp.interpolation)
+        t = F.resize(t, [resize], interpolation=interp, antialias=True)
+    if crop:
+        t = F.center_crop(t, [crop, crop])
+    x = F.normalize(F.to_dtype(t, torch.float32, scale=True), list(pp.mean), list(pp.std))
+    return x, t.permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def _check_channels(maps: Mapping[str, torch.Tensor], channels: Sequence[int]) -> None:
