@@ -43,6 +43,7 @@ def test_explore_a_tensor_batch_keeps_the_maps_and_embeds_them() -> None:
     for name in ("0", "2"):
         torch.testing.assert_close(ex.maps[name], ref[name])
     assert ex.predictions == [None, None]
+    assert ex.data()["preprocess"].startswith("a (B, 3, H, W) tensor fed as given")
     html = ex._repr_html_()
     data = embedded(html)
     assert len(data["images"]) == 2 and data["order"] == "variance"
@@ -166,7 +167,8 @@ def test_two_explorers_in_a_real_kernel(tmp_path: Path) -> None:
     cells = [
         SETUP,
         'ex1 = fm.explore(net, torch.randn(2, 3, 24, 24), layers=["0", "2"], max_channels=6)\nex1',
-        'ex2 = fm.explore(net, [fm.sample_image("cat")], layers=["1"], max_channels=4)\nex2',
+        'ex2 = fm.explore("efficientnet_lite0", [fm.sample_image("cat")], layers=["_blocks.4"],'
+        " max_channels=12)\nex2",
         'print(tuple(ex1.maps["2"].shape), ex2.names)\nfm.render_grid(ex1.maps["0"][0])',
     ]
     nb = run_notebook(cells, tmp_path)
@@ -176,7 +178,7 @@ def test_two_explorers_in_a_real_kernel(tmp_path: Path) -> None:
     assert id1 != id2
     d1, d2 = embedded(h1), embedded(h2)
     assert [layer["name"] for layer in d1["layers"]] == ["0", "2"] and len(d1["images"]) == 2
-    assert [layer["name"] for layer in d2["layers"]] == ["1"] and d2["images"][0][
+    assert [layer["name"] for layer in d2["layers"]] == ["_blocks.4"] and d2["images"][0][
         "name"
     ] == "cat.jpg"
     assert len(d1["images"][0]["layers"]["0"]["channels"]) == 6
@@ -218,7 +220,7 @@ def _click_both(h1: str, h2: str, tmp_path: Path) -> None:
                 "[...document.querySelectorAll('.fm-explorer-view')]"
                 ".every(v => v.dataset.ready === '1')"
             )
-            assert views.evaluate_all("vs => vs.map(v => v.dataset.layer)") == ["0", "1"]
+            assert views.evaluate_all("vs => vs.map(v => v.dataset.layer)") == ["0", "_blocks.4"]
             # the notebook's own style is untouched, and the explorer's stays inside
             assert page.eval_on_selector("h1", "e => getComputedStyle(e).color") == "rgb(1, 2, 3)"
             assert page.eval_on_selector("body", "e => getComputedStyle(e).margin") == "8px"
@@ -226,13 +228,15 @@ def _click_both(h1: str, h2: str, tmp_path: Path) -> None:
             page.wait_for_function(
                 "document.querySelectorAll('.fm-explorer-view')[0].dataset.layer === '2'"
             )
-            assert views.evaluate_all("vs => vs.map(v => v.dataset.layer)") == ["2", "1"]
+            assert views.evaluate_all("vs => vs.map(v => v.dataset.layer)") == ["2", "_blocks.4"]
             assert views.nth(0).locator("#img-1 .grid[data-layer='2'] .cell").count() == 6
+            shots = ROOT / "test-output" / "screenshots"
+            shots.mkdir(parents=True, exist_ok=True)
+            views.nth(1).screenshot(path=str(shots / "notebook-explorer.png"))
             views.nth(1).locator("#img-0 .cell[data-channel='2']").click()
             views.nth(1).locator("#channel-dialog[open][data-channel='2']").wait_for()
             assert views.nth(0).locator("#channel-dialog[open]").count() == 0
-            assert views.nth(1).locator("#dlg-title").inner_text() == "1 · channel 2"
-            page.screenshot(path=str(tmp_path / "cells.png"))
+            assert views.nth(1).locator("#dlg-title").inner_text() == "_blocks.4 · channel 2"
             assert errors == []
             assert [u for u in requests if not u.startswith(("file:", "data:", "blob:"))] == []
         finally:

@@ -117,7 +117,15 @@ def explore(
         predictions = [top_predictions(row, loaded.categories) for row in fm.output]
     fm.output = None
     displays = [display_image(x[i], loaded.preprocess) for i in range(x.shape[0])]
-    return Explorer(loaded, fm, names, displays, predictions, opts, full, title, max_bytes)
+    note = None
+    if isinstance(images, torch.Tensor):
+        note = (
+            "a (B, 3, H, W) tensor fed as given; pictures undo the normalization with mean "
+            + ",".join(f"{m:.3f}" for m in loaded.preprocess.mean)
+            + ", std "
+            + ",".join(f"{v:.3f}" for v in loaded.preprocess.std)
+        )
+    return Explorer(loaded, fm, names, displays, predictions, opts, full, title, max_bytes, note)
 
 
 def _loaded(model: str | LoadedModel | nn.Module, weights: str) -> LoadedModel:
@@ -193,6 +201,7 @@ class Explorer:
     full: bool = False
     title: str | None = None
     max_bytes: int = DEFAULT_MAX_BYTES
+    input_note: str | None = None
 
     def data(self, options: ReportOptions | None = None) -> dict[str, Any]:
         """The report data of the view (as :class:`~featuremaps.report.ReportBuilder`)."""
@@ -203,7 +212,10 @@ class Explorer:
             key = f"image-{i}"
             res = ImageResult(Path(name), key, self.displays[i], self.maps, self.predictions[i])
             builder.add(res, index=i)
-        return builder.data()
+        data = builder.data()
+        if self.input_note:
+            data["preprocess"] = self.input_note
+        return data
 
     def cell_data(self) -> tuple[dict[str, Any], str | None]:
         """The data to embed under :attr:`max_bytes`, and a note when channels were dropped.
