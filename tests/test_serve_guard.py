@@ -25,6 +25,7 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
+from featuremaps.errors import FeatureMapsError
 from featuremaps.serve import Guard, create_app, is_loopback
 from featuremaps.serve import upload as upload_module
 from featuremaps.serve.guard import split_host
@@ -216,6 +217,12 @@ def test_cross_site_fetches_of_the_api_are_refused(loopback: TestClient) -> None
     r = loopback.get("/api/config", headers={"sec-fetch-site": "cross-site"})
     assert r.status_code == 403
     assert loopback.get("/api/config", headers={"sec-fetch-site": "same-origin"}).status_code == 200
+
+
+@pytest.mark.parametrize("name", ["viewer.lan:8000", "http://viewer.lan", "a/b", ""])
+def test_allow_host_with_a_port_scheme_or_path_is_a_clear_error(name: str) -> None:
+    with pytest.raises(FeatureMapsError, match="--allow-host"):
+        Guard.for_bind("0.0.0.0", PORT, [name])
 
 
 def test_host_parsing_and_loopback_names() -> None:

@@ -83,13 +83,18 @@ def split_host(value: str) -> tuple[str, int | None] | None:
     return name.lower().rstrip("."), int(port) if port else None
 
 
-def _normalize(name: str) -> str:
-    name = name.strip().lower().rstrip(".")
+def _normalize(given: str) -> str:
+    name = given.strip().lower().rstrip(".")
     if name.startswith("[") and name.endswith("]"):
         name = name[1:-1]
+    if ":" in name and name != "*":
+        try:
+            ipaddress.IPv6Address(name)
+        except ValueError:
+            name = ""  # a port or a scheme: refused below
     if not name or any(c in name for c in "/ @?#"):
         raise FeatureMapsError(
-            f"--allow-host {name!r}: give a host name or address as browsers will type it "
+            f"--allow-host {given!r}: give a host name or address as browsers will type it "
             "(e.g. myhost.lan or 192.168.1.5), without scheme, port or path"
         )
     return name
