@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from featuremaps import capture, load_image, preprocess
 from featuremaps.compare import CKAAccumulator, build_compare, compare_models, debiased_cka
+from featuremaps.compare.joint import joint_pca
 from featuremaps.compare.outputs import PICTURE_SIZE, page_data
 from featuremaps.errors import FeatureMapsError, LayerError, ReduceError
 from featuremaps.models import LoadedModel, Preprocess
@@ -354,6 +356,58 @@ def test_page_pictures_are_the_pca_of_the_first_images(tmp_path: Path) -> None:
     assert page["matrix"][2][1] == pytest.approx(float(r.matrix[2, 1]), abs=1e-6)
 
 
+def _pca_numpy(pixels: np.ndarray, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Principal axes of (P, C) pixels (largest loading positive) and their projections."""
+    x = pixels.astype(np.float64)
+    mean = x.mean(axis=0)
+    _, vecs = np.linalg.eigh(np.cov(x - mean, rowvar=False, bias=True))
+    comps = vecs[:, ::-1][:, :k].T
+    comps *= np.sign(comps[np.arange(k), np.abs(comps).argmax(axis=1)])[:, None]
+    return comps, (x - mean) @ comps.T
+
+
+def test_joint_pca_is_one_basis_over_both_batches() -> None:
+    torch.manual_seed(0)
+    mix = torch.randn(3, 16)
+    a = (torch.randn(2, 3, 6, 5).permute(0, 2, 3, 1) @ mix).permute(0, 3, 1, 2)
+    b = (torch.randn(3, 3, 4, 4).permute(0, 2, 3, 1) @ mix * 2.0).permute(0, 3, 1, 2)
+    rgb_a, rgb_b = joint_pca(a, b)
+    pix = lambda t: t.permute(0, 2, 3, 1).reshape(-1, 16).numpy()  # noqa: E731
+    _, y = _pca_numpy(np.concatenate([pix(a), pix(b)]))
+    lo, hi = y.min(axis=0), y.max(axis=0)
+    want = (y - lo) / (hi - lo)
+    got = np.concatenate([rgb_a.reshape(-1, 3), rgb_b.reshape(-1, 3)])
+    np.testing.assert_allclose(got, want, atol=2e-4)
+    assert rgb_a.shape == (2, 6, 5, 3) and rgb_b.shape == (3, 4, 4, 3)
+    # a colour is a direction: the same pixel in both batches gets the same colour
+    b2 = b.clone()
+    b2[0, :, 0, 0] = a[1, :, 2, 3]
+    ra, rb = joint_pca(a, b2)
+    np.testing.assert_allclose(rb[0, 0, 0], ra[1, 2, 3], atol=1e-6)
+    with pytest.raises(ReduceError, match="16 and 8 channels"):
+        joint_pca(a, b[:, :8])
+
+
+def test_page_draws_the_same_layer_of_two_checkpoints_in_one_basis(tmp_path: Path) -> None:
+    data = _images(tmp_path / "d", 6)
+    a = _tiny(0)
+    b = replace(_tiny(1), spec=a.spec)  # two checkpoints of one architecture
+    r = compare_models(a, b, data, layers="conv1,act2", batch_size=6, workers=0)
+    page = page_data(r)
+    assert sorted(page["joint"]) == ["0,0", "1,1"]
+    x = _inputs(data, a.preprocess)[:4]
+    ma = capture(a.module, x, ["act2"])["act2"]
+    mb = capture(b.module, x, ["act2"])["act2"]
+    rgb_a, rgb_b = joint_pca(ma, mb)
+    for key, rgb in (("a", rgb_a), ("b", rgb_b)):
+        got = [_decode(u) for u in page["joint"]["1,1"][key]]
+        want = [np.asarray(pca_picture(p, size=PICTURE_SIZE)) for p in rgb]
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)
+    other = compare_models(a, _tiny(1), data, layers="conv1", batch_size=6, workers=0)
+    assert page_data(other)["joint"] == {}  # other specs: channels need not correspond
+
+
 def fm(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "featuremaps", *args], capture_output=True, text=True, timeout=300
@@ -477,9 +531,19 @@ def test_page_click_shows_both_layers_maps(
         assert loaded
         SHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SHOTS / "compare_pair.png"), full_page=True)
+        assert page.locator("#shared-field").is_hidden()  # layer4 vs layer1: own bases
         page.click('#heatmap button[data-i="0"][data-j="1"]')
         assert "A layer1" in (page.text_content("#pair-title") or "")
         assert page.locator("#heatmap button.selected").count() == 1
+        page.click('#heatmap button[data-i="1"][data-j="1"]')  # layer2 of both checkpoints
+        assert page.locator("#shared-field").is_visible()
+        srcs_a = page.eval_on_selector_all("img.map-a", "els => els.map(e => e.src)")
+        srcs_b = page.eval_on_selector_all("img.map-b", "els => els.map(e => e.src)")
+        assert srcs_a == data["joint"]["1,1"]["a"] and srcs_b == data["joint"]["1,1"]["b"]
+        page.screenshot(path=str(SHOTS / "compare_shared_basis.png"), full_page=True)
+        page.uncheck("#shared-basis")
+        srcs_a = page.eval_on_selector_all("img.map-a", "els => els.map(e => e.src)")
+        assert srcs_a == data["layers_a"][1]["pictures"]
     finally:
         context.close()
     assert errors == []

@@ -25,6 +25,7 @@ from ..errors import ReduceError
 from ..pca import pca_rgb
 from ..render import colormap_lut, pca_picture
 from ..report.html import asset, data_url, fill_template, inline_csp, script_json
+from .joint import joint_pca
 from .run import ESTIMATOR, CompareResult, Side
 
 JSON_NAME = "cka.json"
@@ -123,8 +124,44 @@ def layer_pictures(maps: torch.Tensor) -> tuple[list[np.ndarray], str | None]:
         return [], str(exc)
     if rgb.ndim == 3:  # a batch of one comes back as (H, W, 3)
         rgb = rgb[None]
-    size = max(PICTURE_SIZE, 1)
-    return [np.asarray(pca_picture(r, size=size)) for r in rgb], None
+    return _pictures(rgb), None
+
+
+def _pictures(rgb: np.ndarray) -> list[np.ndarray]:
+    return [np.asarray(pca_picture(r, size=PICTURE_SIZE)) for r in rgb]
+
+
+def shared_basis_pairs(result: CompareResult) -> list[tuple[int, int]]:
+    """The cells drawn in one basis: the same layer of the same model in A and B.
+
+    Only there do the channels correspond (two checkpoints of one architecture), so
+    only there does one basis make a colour mean one direction in both pictures.
+    """
+    if result.a.model.spec != result.b.model.spec:
+        return []
+    pairs = []
+    for i, (name, shape) in enumerate(zip(result.a.layers, result.a.shapes, strict=True)):
+        if name in result.b.layers:
+            j = result.b.layers.index(name)
+            if result.b.shapes[j][0] == shape[0]:
+                pairs.append((i, j))
+    return pairs
+
+
+def _joint(result: CompareResult, i: int, j: int) -> dict[str, Any] | None:
+    a = result.example_maps_a.get(result.a.layers[i])
+    b = result.example_maps_b.get(result.b.layers[j])
+    if a is None or b is None:
+        return None
+    try:
+        rgb_a, rgb_b = joint_pca(a, b, 3)
+    except ReduceError as exc:
+        return {"a": [], "b": [], "error": str(exc)}
+    return {
+        "a": [data_url(Image.fromarray(p), optimize=True) for p in _pictures(rgb_a)],
+        "b": [data_url(Image.fromarray(p), optimize=True) for p in _pictures(rgb_b)],
+        "error": None,
+    }
 
 
 def _colour(v: float) -> str:
@@ -160,6 +197,7 @@ def page_data(result: CompareResult) -> dict[str, Any]:
         "matrix": [[None if math.isnan(v) else round(float(v), 6) for v in row] for row in m],
         "colours": [[_colour(float(v)) for v in row] for row in m],
         "images": [data_url(Image.fromarray(x), "JPEG", quality=85) for x in result.examples],
+        "joint": {f"{i},{j}": _joint(result, i, j) for i, j in shared_basis_pairs(result)},
         "images_used": result.images_used,
         "images_total": result.images_total,
         "skipped": len(result.skipped),

@@ -52,23 +52,31 @@
   });
   table.appendChild(body);
 
-  function pictureRow(grid, label, layer, which) {
+  function pictureRow(grid, label, pictures, error, which) {
     grid.appendChild(el("div", "row-label", label));
     var n = data.images.length;
     for (var k = 0; k < n; k++) {
-      if (layer && layer.pictures[k]) {
+      if (pictures[k]) {
         var img = el("img", "pixelated " + which);
-        img.src = layer.pictures[k];
+        img.src = pictures[k];
         img.alt = label + ", image " + (k + 1);
         grid.appendChild(img);
       } else {
-        grid.appendChild(el("div", "err", layer && layer.error ? layer.error : "no picture"));
+        grid.appendChild(el("div", "err", error || "no picture"));
       }
     }
   }
 
+  var current = null;
+  var sharedBox = document.getElementById("shared-basis");
+  sharedBox.addEventListener("change", function () {
+    if (current) show(current[0], current[1], current[2]);
+  });
+
   function show(i, j, button) {
     var la = data.layers_a[i], lb = data.layers_b[j];
+    var joint = data.joint[i + "," + j] || null;
+    current = [i, j, button];
     if (selected) selected.classList.remove("selected");
     selected = button;
     button.classList.add("selected");
@@ -89,7 +97,19 @@
       img.alt = "input image " + (k + 1);
       grid.appendChild(img);
     });
-    pictureRow(grid, "A " + la.name, la, "map-a");
-    pictureRow(grid, "B " + lb.name, lb, "map-b");
+    document.getElementById("shared-field").hidden = !joint;
+    var shared = joint !== null && sharedBox.checked;
+    document.getElementById("basis-note").textContent = shared
+      ? "One PCA basis fitted over both checkpoints' maps of this layer (the same channels), " +
+        "one colour scale: a colour means the same direction in both rows."
+      : "Each layer's own PCA basis, fitted over the images shown: a colour means the same " +
+        "direction within a row, not across the two rows.";
+    if (shared) {
+      pictureRow(grid, "A " + la.name, joint.a, joint.error, "map-a shared");
+      pictureRow(grid, "B " + lb.name, joint.b, joint.error, "map-b shared");
+    } else {
+      pictureRow(grid, "A " + la.name, la.pictures, la.error, "map-a");
+      pictureRow(grid, "B " + lb.name, lb.pictures, lb.error, "map-b");
+    }
   }
 })();
