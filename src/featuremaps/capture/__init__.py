@@ -22,7 +22,15 @@ from .layout import (
     normalize_output,
     to_bchw,
 )
-from .select import PRESETS, Selection, needs_probe, resolve_layers, select_layers
+from .select import (
+    PRESETS,
+    Selection,
+    module_names,
+    needs_probe,
+    parse_request,
+    resolve_layers,
+    select_layers,
+)
 
 __all__ = [
     "PRESETS",
@@ -43,8 +51,10 @@ __all__ = [
     "hooked",
     "list_layers",
     "model_tokens",
+    "module_names",
     "needs_probe",
     "normalize_output",
+    "parse_request",
     "resolve_layers",
     "select_layers",
     "to_bchw",
