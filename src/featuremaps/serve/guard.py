@@ -208,9 +208,10 @@ class GuardMiddleware:
         g = self.guard
 
         def refuse(status: int, message: str) -> Any:
+            headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
             if api:
-                return JSONResponse({"detail": message}, status_code=status)
-            return PlainTextResponse(message, status_code=status)
+                return JSONResponse({"detail": message}, status_code=status, headers=headers)
+            return PlainTextResponse(message, status_code=status, headers=headers)
 
         parts = split_host(request.headers.get("host", ""))
         if parts is None or not g.host_allowed(parts[0]):
