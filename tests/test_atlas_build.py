@@ -106,14 +106,15 @@ def test_two_atlas_runs_into_one_folder_the_second_fails_at_once(
     assert not (out / "atlas.json").exists()
 
 
-def test_lock_of_a_finished_run_is_taken_over(
+def test_lock_left_by_a_dead_run_is_taken_over(
     images: Path, tiny_model: LoadedModel, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    build_atlas(tiny_model, images, "features.3", out, top=2, workers=0)
-    assert f"pid {os.getpid()}" in (out / ".featuremaps.lock").read_text()
-    result = build_atlas(tiny_model, images, "features.3", out, top=2, workers=0, restart=True)
-    assert result.images_used == 6
+    out.mkdir()
+    (out / ".featuremaps.lock").write_text("pid 999999: featuremaps atlas (killed)\n")
+    result = build_atlas(tiny_model, images, "features.3", out, top=2, workers=0)
+    assert result.images_used == 6 and (out / "atlas.json").exists()
+    assert not (out / ".featuremaps.lock").exists()  # released at the end
 
 
 def test_every_listed_path_missing_is_an_error(
@@ -181,6 +182,22 @@ def test_a_full_disk_while_writing_is_one_line(
     with pytest.raises(FeatureMapsError) as info:
         build_atlas(tiny_model, images, "features.3", out, workers=0)
     assert str(info.value) == f"the atlas in {out}: {out / 'atlas.json'}: the disk is full"
+
+
+def test_a_crop_that_cannot_be_written_is_one_line(
+    images: Path, tiny_model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(self: Any, fp: Any, *args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    out = tmp_path / "out"
+    with pytest.raises(FeatureMapsError) as info:
+        build_atlas(tiny_model, images, "features.3", out, top=2, workers=0)
+    message = str(info.value)
+    assert message.startswith(f"cannot write a crop: {out / 'crops'}")
+    assert message.endswith(".jpg: the disk is full") and "\n" not in message
+    assert list((out / "crops").iterdir()) == [] and not (out / "atlas.json").exists()
 
 
 def test_crop_folders_left_by_a_killed_run_are_replaced(

@@ -13,21 +13,25 @@ import math
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import numpy as np
+import torch
 from PIL import Image
 
-from .._files import write_bytes, write_json
+from .._files import describe_os_error, write_bytes, write_json
+from ..errors import FeatureMapsError
 from ..images import display_image
 from ..models import LoadedModel, Preprocess
 from ..reduce import save_bases
 from ..report import asset, fill_template
 from .batch import NO_IMAGE, AtlasSpec, LayerMeta
-from .data import Plan, batch_loader
+from .data import Plan, load_images
 from .state import AtlasState
 
 CROP_FACTOR = 2.0
@@ -146,18 +150,79 @@ def write_outputs(
     workers: int,
     progress: Any = None,
 ) -> tuple[Path, Path | None, list[Path]]:
-    """Write the basis, the crops, the pages and, last, ``atlas.json``."""
+    """Write the basis, the crops, the pages and, last, ``atlas.json``.
+
+    The crops of an earlier run are set aside and deleted in a background thread while
+    the pages are written (deleting thousands of files is slow I/O, not CPU).
+    """
     basis_path = None
     if state.n_images:
         basis_path = out / "pca_basis.npz"
         fitted = [p.pca.fit(n_components) for p in state.layers]
         save_bases(dict(zip(spec.names, fitted, strict=True)), basis_path)
     slugs = layer_slugs(spec.names)
-    write_crops(out, doc, loaded.preprocess, metas, spec, slugs, workers, progress)
-    pages = write_pages(out, doc, report_url)
-    atlas_json = out / "atlas.json"
-    write_json(atlas_json, doc)  # last: its presence says the outputs are complete
+    old = write_crops(out, doc, loaded.preprocess, metas, spec, slugs, workers, progress)
+    cleaner = threading.Thread(target=_remove_all, args=(old,), daemon=True)
+    cleaner.start()
+    try:
+        pages = write_pages(out, doc, report_url)
+        atlas_json = out / "atlas.json"
+        write_json(atlas_json, doc)  # last: its presence says the outputs are complete
+    finally:
+        cleaner.join()
     return atlas_json, basis_path, pages
+
+
+def _remove_all(folders: Sequence[Path]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class _Crop:
+    folder: int  # index of the layer's fresh folder
+    name: str
+    y: int
+    x: int
+    stride: tuple[float, float]
+
+
+class _CropWriter(torch.utils.data.Dataset[tuple[int, str]]):
+    """Item ``i`` decodes image ``i`` as the atlas saw it and writes all its crops.
+
+    Run by DataLoader workers, so decoding, cutting and JPEG encoding happen in
+    parallel; an item returns ``(crops written, error)`` rather than raising, so an
+    output error reaches the driver as one line.
+    """
+
+    def __init__(
+        self,
+        images: Sequence[str],
+        crops: Sequence[Sequence[_Crop]],
+        pp: Preprocess,
+        folders: Sequence[Path],
+    ) -> None:
+        self.images, self.crops, self.pp, self.folders = images, crops, pp, folders
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[int, str]:
+        batch = load_images(i, i, [self.images[i]], self.pp)
+        if len(batch.ids) != 1:  # unreadable since the run: its crops stay missing
+            return 0, ""
+        picture = display_image(batch.x[0], self.pp)
+        size = (picture.shape[0], picture.shape[1])
+        target = None
+        try:
+            for crop in self.crops[i]:
+                t, left, b, r = crop_box(crop.y, crop.x, crop.stride, size)
+                tile = Image.fromarray(np.ascontiguousarray(picture[t:b, left:r]))
+                target = self.folders[crop.folder] / crop.name
+                tile.save(target, format="JPEG", quality=92)
+        except OSError as exc:
+            return 0, describe_os_error(exc, target)
+        return len(self.crops[i]), ""
 
 
 def write_crops(
@@ -169,20 +234,28 @@ def write_crops(
     slugs: Sequence[str],
     workers: int,
     progress: Any = None,
-) -> None:
+) -> list[Path]:
     """Decode each image that made a top list once and cut all its crops.
 
-    Each layer's crops go to a fresh folder of a unique name that then replaces
+    ``workers`` DataLoader processes decode, cut and encode (none: this process). Each
+    layer's crops go to a fresh folder of a unique name that then replaces
     ``crops/LAYER``: creating files is cheap, while overwriting thousands of them (in
     place or by renames) makes ext4 flush each one and costs seconds. Folders left by a
-    killed run (``.LAYER.*.new``, ``.LAYER.*.old``) are removed first; the caller holds the
-    output lock, so no other run is writing them.
+    killed run (``.LAYER.*.new``, ``.LAYER.*.old``) are removed first; the caller holds
+    the output lock, so no other run is writing them.
+
+    Returns:
+        The folders that hold the previous run's crops, for the caller to delete.
+
+    Raises:
+        FeatureMapsError: a crop cannot be written (the message names it and the cause).
     """
-    wanted: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    wanted: dict[str, list[_Crop]] = {}
     for li, name in enumerate(spec.names):
         for ch in doc["layers"][name]["channels"]:
             for entry in ch["top"]:
-                wanted.setdefault(entry["image"], []).append((li, entry))
+                crop = _Crop(li, Path(entry["crop"]).name, entry["y"], entry["x"], metas[li].stride)
+                wanted.setdefault(entry["image"], []).append(crop)
     images = sorted(wanted)
     crops = out / "crops"
     crops.mkdir(parents=True, exist_ok=True)
@@ -191,34 +264,38 @@ def write_crops(
             for stale in crops.glob(pattern.format(glob.escape(slug))):
                 shutil.rmtree(stale, ignore_errors=True)
     fresh = [Path(tempfile.mkdtemp(prefix=f".{slug}.", suffix=".new", dir=crops)) for slug in slugs]
+    old: list[Path] = []
     try:
-        plan = Plan(tuple(images), 1)
-        for n, batch in enumerate(batch_loader(plan, range(len(images)), pp, workers), 1):
-            if len(batch.ids) == 1:
-                picture = display_image(batch.x[0], pp)
-                size = (picture.shape[0], picture.shape[1])
-                for li, entry in wanted[images[batch.index]]:
-                    t, left, b, r = crop_box(entry["y"], entry["x"], metas[li].stride, size)
-                    crop = Image.fromarray(np.ascontiguousarray(picture[t:b, left:r]))
-                    crop.save(fresh[li] / Path(entry["crop"]).name, format="JPEG", quality=92)
+        writer = _CropWriter(images, [wanted[i] for i in images], pp, fresh)
+        loader = torch.utils.data.DataLoader(
+            writer, batch_size=None, num_workers=workers, collate_fn=_identity
+        )
+        for n, (_, error) in enumerate(loader, 1):
+            if error:
+                raise FeatureMapsError(f"cannot write a crop: {error}")
             if progress:
                 progress("crops", n, len(images))
         for folder, slug in zip(fresh, slugs, strict=True):
-            _swap_in(folder, crops / slug)
+            old.extend(_swap_in(folder, crops / slug))
     finally:
         for folder in fresh:
             shutil.rmtree(folder, ignore_errors=True)  # only what was not swapped in
+    return old
 
 
-def _swap_in(folder: Path, final: Path) -> None:
-    """Replace ``final`` by ``folder``; the old content goes aside, then away."""
-    old = None
+def _identity(item: Any) -> Any:
+    return item
+
+
+def _swap_in(folder: Path, final: Path) -> list[Path]:
+    """Replace ``final`` by ``folder``; returns where the old content was set aside."""
+    old = []
     if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-        final.rename(old / final.name)
+        aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+        final.rename(aside / final.name)
+        old.append(aside)
     folder.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return old
 
 
 def _css() -> str:
