@@ -144,6 +144,19 @@ def test_a_picture_does_not_depend_on_the_rest_of_the_batch(toy: ToyNet) -> None
     batch = visualize(toy, ["class:1", "channel:features.3:4-6"], **FAST)
     assert batch[2].objective.text == "channel:features.3:5"
     assert np.allclose(alone[0].image, batch[2].image, atol=1e-5)
+    seen: list[tuple[int, int]] = []
+    chunked = visualize(
+        toy,
+        ["class:1", "channel:features.3:4-6"],
+        batch_size=3,
+        progress=lambda phase, done, total: seen.append((done, total)),
+        **FAST,
+    )
+    assert [v.objective for v in chunked] == [v.objective for v in batch]
+    for a, b in zip(chunked, batch, strict=True):
+        assert np.allclose(a.image, b.image, atol=1e-5)
+    steps = FAST["steps"]
+    assert seen == [(i, 2 * steps) for i in range(1, 2 * steps + 1)]
 
 
 @pytest.mark.parametrize("spec", ["channel:features.3:2", "layer:features.3", "class:3"])

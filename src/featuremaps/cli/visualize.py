@@ -31,6 +31,9 @@ def visualize(
     transforms: Annotated[
         bool, typer.Option(help="Random pad, jitter, scale and rotation at each step.")
     ] = True,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Objectives per batch (default: all at once).")
+    ] = None,
     device: DeviceOpt = "auto",  # type: ignore[assignment]
 ) -> None:
     """Optimize one picture per objective; write PNGs and manifest.json to --out."""
@@ -53,6 +56,7 @@ def visualize(
             lr=lr,
             transforms=Transforms() if transforms else NO_TRANSFORMS,
             progress=progress,
+            batch_size=batch_size,
         )
     paths = result.save(folder)
     for vis, path in zip(result, paths, strict=False):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..capture import check_input_size, hooked, list_layers
+from ..capture import LayerInfo, check_input_size, hooked, list_layers
 from ..errors import FeatureMapsError, LayerError, ModelError
 from ..models import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, Preprocess
 from .image import NO_TRANSFORMS, FourierImage, Transforms, random_view
@@ -128,6 +129,7 @@ def visualize(
     preprocess: Preprocess | None = None,
     categories: Sequence[str] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    batch_size: int | None = None,
 ) -> Visualizations:
     """Optimize one picture per objective, all in one batch.
 
@@ -147,7 +149,10 @@ def visualize(
             :data:`NO_TRANSFORMS` for none.
         preprocess: normalization, for a bare module (default: ImageNet mean and std).
         categories: class names, for a bare module (``class:LABEL``).
-        progress: called as ``progress("visualize", step, steps)``.
+        progress: called as ``progress("visualize", done, total)`` after each step.
+        batch_size: objectives optimized together (``None``: all in one batch). Each
+            picture has its own generator, so the pictures do not depend on it (nor on
+            which other objectives share their batch), up to float rounding.
 
     Returns:
         :class:`Visualizations`: one :class:`Visualization` per objective, in order.
@@ -201,28 +206,41 @@ def visualize(
     def probe_input() -> torch.Tensor:
         return torch.zeros(1, 3, size, size, dtype=dtype, device=where)
 
+    def plan(chunk: Sequence[Objective]) -> tuple[Plan, list[Objective]]:
+        def probe() -> list[LayerInfo]:
+            return list_layers(module, probe_input())
+
+        return plan_objectives(
+            module, chunk, probe, lambda: _output_of(module, probe_input()), categories
+        )
+
+    per_batch = batch_size if batch_size is not None and batch_size > 0 else len(objs)
+    chunks = math.ceil(len(objs) / per_batch)
+    items: list[Visualization] = []
     with _moved(module, dev):
-        plan, objs = plan_objectives(
-            module,
-            objs,
-            lambda: list_layers(module, probe_input()),
-            lambda: _output_of(module, probe_input()),
-            categories,
-        )
-        gens = _generators(seed, objs)
-        final_rgb, final, trace = _optimize(
-            module, plan, gens, size, pp, tf, steps, lr, where, dtype, progress
-        )
-    pictures = final_rgb.permute(0, 2, 3, 1).to("cpu", torch.float32).numpy()
-    items = [
-        Visualization(
-            objective=obj,
-            image=np.ascontiguousarray(pictures[i]),
-            value=float(final[i]),
-            history=tuple(float(v) for v in trace[:, i]),
-        )
-        for i, obj in enumerate(objs)
-    ]
+        every, objs = plan(objs)  # every objective checked before the first step
+        for k in range(chunks):
+            chunk = objs[k * per_batch : (k + 1) * per_batch]
+            chunk_plan = every if chunks == 1 else plan(chunk)[0]
+
+            def tick(phase: str, done: int, total: int, k: int = k) -> None:
+                if progress is not None:
+                    progress(phase, k * steps + done, chunks * steps)
+
+            gens = _generators(seed, chunk)
+            final_rgb, final, trace = _optimize(
+                module, chunk_plan, gens, size, pp, tf, steps, lr, where, dtype, tick
+            )
+            pictures = final_rgb.permute(0, 2, 3, 1).to("cpu", torch.float32).numpy()
+            items.extend(
+                Visualization(
+                    objective=obj,
+                    image=np.ascontiguousarray(pictures[i]),
+                    value=float(final[i]),
+                    history=tuple(float(v) for v in trace[:, i]),
+                )
+                for i, obj in enumerate(chunk)
+            )
     return Visualizations(items, steps, size, seed, lr, tf, spec, weights)
 
 

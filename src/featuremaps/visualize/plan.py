@@ -110,7 +110,7 @@ def plan_objectives(
     module: nn.Module,
     objectives: Sequence[Objective],
     probe: Callable[[], list[LayerInfo]],
-    output_shape: Callable[[], Any],
+    model_output: Callable[[], Any],
     categories: Sequence[str] | None,
 ) -> tuple[Plan, list[Objective]]:
     """Check every objective against the model and plan how to read it.
@@ -131,9 +131,12 @@ def plan_objectives(
     class_rows: list[int] = []
     class_index: list[int] = []
     resolved: list[Objective] = []
+    output: Any = None
     for row, obj in enumerate(objectives):
         if obj.kind is ObjectiveKind.CLASS:
-            obj = _resolve_class(obj, output_shape(), categories)
+            if output is None:
+                output = model_output()  # one forward, for every class objective
+            obj = _resolve_class(obj, output, categories)
             class_rows.append(row)
             class_index.append(int(obj.index or 0))
             resolved.append(obj)
