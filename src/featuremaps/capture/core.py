@@ -183,7 +183,7 @@ class Capture:
     def __enter__(self) -> Capture:
         self._named = list(self.model.named_modules())
         self._modules = module_names(self.model)
-        self._canonical = canonical_names(self.model)
+        self._canonical = canonical_names(self.model, self._modules, self._named)
         self._memo = _memo = memo_for(self.model, self._named)
         self._raw, self._maps, self._record, self._tracker = {}, None, None, None
         self._root_calls, self._stopped = 0, False
@@ -209,7 +209,7 @@ class Capture:
         self._known_calls = {}
         for base in self._bases:
             known = record.calls_of(self._canonical[base]) if record is not None else None
-            if known is None and runs_once(self.model, base):
+            if known is None and runs_once(self.model, base, self._modules):
                 known = 1
             self._known_calls[base] = known
         self._stop_after = None

@@ -190,10 +190,20 @@ def module_names(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules(remove_duplicate=False) if n}
 
 
-def canonical_names(model: nn.Module) -> dict[str, str]:
-    """Name -> the module's first name (the one ``model.named_modules()`` gives)."""
-    first = {id(m): n for n, m in model.named_modules()}
-    return {n: first[id(m)] for n, m in module_names(model).items()}
+def canonical_names(
+    model: nn.Module,
+    names: dict[str, nn.Module] | None = None,
+    named: Sequence[tuple[str, nn.Module]] | None = None,
+) -> dict[str, str]:
+    """Name -> the module's first name (the one ``model.named_modules()`` gives).
+
+    Args:
+        model: the model.
+        names: :func:`module_names`, when the caller has it already.
+        named: ``model.named_modules()``, when the caller has walked it already.
+    """
+    first = {id(m): n for n, m in (model.named_modules() if named is None else named)}
+    return {n: first[id(m)] for n, m in (module_names(model) if names is None else names).items()}
 
 
 def with_aliases(model: nn.Module, infos: list[LayerInfo]) -> list[LayerInfo]:
@@ -217,14 +227,15 @@ def with_aliases(model: nn.Module, infos: list[LayerInfo]) -> list[LayerInfo]:
     return out
 
 
-def runs_once(model: nn.Module, name: str) -> bool:
+def runs_once(model: nn.Module, name: str, names: dict[str, nn.Module] | None = None) -> bool:
     """Whether the structure guarantees that ``name`` runs once per forward of ``model``.
 
     True when the model and every module between it and ``name`` are ``nn.Sequential``
     with the stock ``forward`` (each child called once, in order) and the module has no
-    other name. Anything else may call a module any number of times.
+    other name. Anything else may call a module any number of times. ``names``:
+    :func:`module_names`, when the caller has it already.
     """
-    names = module_names(model)
+    names = module_names(model) if names is None else names
     target = names.get(name)
     if target is None or sum(m is target for m in names.values()) != 1:
         return False
