@@ -205,6 +205,9 @@ def test_every_call_of_a_module_gets_its_own_gradient() -> None:
 
     a, g = reference(lambda: net.conv(x), after_first, 2)
     check(r["conv:1"], a, g)
+    with torch.inference_mode():  # a caller's inference mode does not get in the way
+        again = relevance(net, x.clone(), "conv:1", target=2)
+    check(again["conv:1"], a, g)
     a, g = reference(lambda: net.conv(torch.relu(net.conv(x))), lambda h: net.fc(h.mean((2, 3))), 2)
     check(r["conv:2"], a, g)
 

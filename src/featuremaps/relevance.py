@@ -28,7 +28,7 @@ from torch import nn
 
 from .capture import Capture, LayerInfo, LayoutContext, check_input_size
 from .capture.layout import map_tensors, tensors_of
-from .errors import FeatureMapsError, suggest
+from .errors import FeatureMapsError, LayerError, suggest
 
 __all__ = ["LayerRelevance", "Relevance", "Target", "TargetError", "relevance"]
 
@@ -253,13 +253,16 @@ def relevance(
         ((1, 512), (1, 2, 2))
     """
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        raise TargetError("input must be a (B, C, H, W) tensor")
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise LayerError(f"input must be a (B, C, H, W) tensor, got {shape}")
     if isinstance(target, str) or (target is not None and not callable(target)):
         _check_static_target(target)
     check_input_size(model, x)
     cap = Capture(model, layers, example_input=x, layout=layout, keep_graph=True)
-    inp = x.detach().requires_grad_(x.is_floating_point())  # a graph even if frozen
-    with torch.enable_grad(), cap:
+    with torch.inference_mode(False), torch.enable_grad(), cap:
+        # a copy made here is an ordinary tensor even if x was made in inference mode, and
+        # requiring its gradient gives a graph even when every parameter is frozen
+        inp = x.detach().clone().requires_grad_(x.is_floating_point())
         output = model(inp)
         scores, targets = _scores(output, target, int(x.shape[0]))
         grads = cap.collect(_gradients(scores, cap.raw))  # frees the graph
