@@ -35,6 +35,7 @@ from .guard import Guard, GuardMiddleware
 from .routers import ROUTERS
 from .schemas import ConfigOut, ModelOut
 from .upload import MULTIPART_SLACK
+from .visualize import DEFAULT_SIZE, DEFAULT_STEPS
 
 log = logging.getLogger("featuremaps.serve")
 
@@ -135,6 +136,8 @@ def config_route(state: State) -> ConfigOut:
         scales=[m.value for m in Scale],
         allow_code_models=state.config.allow_code_models,
         max_upload_bytes=state.config.max_upload_bytes,
+        visualize_steps=DEFAULT_STEPS,
+        visualize_size=DEFAULT_SIZE,
     )
 
 

@@ -9,15 +9,17 @@ options themselves are the typed choices of :mod:`featuremaps.options`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Final, Literal
 
 from fastapi import Depends, Path, Query, Request
 
 from ..options import ChannelOrder, Order, check_cmap, parse_order
 from .config import ModelCatalog, ServerConfig
-from .jobs import CaptureJobs
+from .jobs import CaptureJobs, JobBoard
+from .relevance import RelevanceService
 from .stores import CaptureEntry, CaptureStore, ImageStore, ModelStore
 from .upload import Decoder
+from .visualize import VisualizeJobs
 
 
 @dataclass
@@ -31,6 +33,8 @@ class ServerState:
     models: ModelStore
     captures: CaptureStore
     jobs: CaptureJobs
+    relevance: RelevanceService
+    visualize: VisualizeJobs
 
     @classmethod
     def create(cls, config: ServerConfig) -> ServerState:
@@ -40,11 +44,15 @@ class ServerState:
         images = ImageStore(decoder, config.max_upload_bytes)
         models = ModelStore(config.model_cache, config.device)
         captures = CaptureStore(models, config.cache_entries, config.cache_bytes)
-        jobs = CaptureJobs(catalog, images, models, captures)
-        return cls(config, catalog, decoder, images, models, captures, jobs)
+        board = JobBoard()
+        jobs = CaptureJobs(catalog, images, models, captures, board)
+        relevance = RelevanceService(models, captures, jobs)
+        visualize = VisualizeJobs(board, config.device)
+        return cls(config, catalog, decoder, images, models, captures, jobs, relevance, visualize)
 
     def close(self) -> None:
         self.jobs.close()
+        self.visualize.close()
         self.decoder.close()
 
 
@@ -73,9 +81,17 @@ Cmap = Annotated[str, Depends(get_cmap)]
 LayerName = Annotated[str, Query(max_length=300)]
 
 
-def get_order(order: Annotated[str, Query(max_length=2000)] = Order.INDEX) -> ChannelOrder:
-    """A named channel order (``index``, ``top``, ...) or channel indices ``3,7,12``."""
+RELEVANCE: Final = "relevance"
+"""The grid order by relevance to a class (``order=relevance&target=K``)."""
+
+
+def get_order(
+    order: Annotated[str, Query(max_length=2000)] = Order.INDEX,
+) -> ChannelOrder | Literal["relevance"]:
+    """A named channel order (``index``, ``top``, ..., ``relevance``) or indices ``3,7,12``."""
+    if order.strip().lower() == RELEVANCE:
+        return RELEVANCE
     return parse_order(order, "order")
 
 
-ChannelOrderParam = Annotated[ChannelOrder, Depends(get_order)]
+ChannelOrderParam = Annotated[ChannelOrder | Literal["relevance"], Depends(get_order)]

@@ -1,8 +1,10 @@
-"""Captures run as background jobs whose progress the page polls.
+"""Captures (and relevance and visualizations) run as background jobs the page polls.
 
 A job moves ``queued -> running -> done`` (or ``error``); its status is a
-:class:`JobStatus`, never a bare string. One worker thread runs the jobs in order, and
-a second request for a capture that is queued or running gets the same job.
+:class:`JobStatus`, never a bare string. Every kind of job is listed on one
+:class:`JobBoard` (so ``GET /api/jobs/{id}`` finds any of them); a second request for
+work that is queued or running gets the same job. One worker thread runs the captures
+and relevance jobs in order (they share the model's forward lock).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -50,8 +53,12 @@ class Job:
 
     id: str
     capture_id: str
+    key: str = ""
+    """What the job computes; a second request for the same key joins this job."""
+    result_id: str = ""
+    """Where its result is found once done (a relevance target, a visualization id)."""
     status: JobStatus = JobStatus.QUEUED
-    phase: str = "waiting for the previous capture"
+    phase: str = "waiting for the previous job"
     step: int = 0
     steps: int = 4
     message: str = ""
@@ -65,6 +72,11 @@ class Job:
         self.status, self.phase, self.step = JobStatus.DONE, phase, self.steps
         self.finished = time.monotonic()
 
+    def progress(self, phase: str, done: int, total: int) -> None:
+        """Report ``done`` of ``total`` sub-steps (steps are rescaled to ``self.steps``)."""
+        self.status, self.phase = JobStatus.RUNNING, f"{phase} {done}/{total}"
+        self.step = min(self.steps, 1 + (done * (self.steps - 1)) // max(1, total))
+
     def fail(self, message: str) -> None:
         self.status, self.message = JobStatus.ERROR, message
         self.finished = time.monotonic()
@@ -75,42 +87,24 @@ class Job:
         return round(end - self.started, 2)
 
 
-class CaptureJobs:
-    """Starts captures as jobs and keeps the last 200 jobs for polling."""
+class JobBoard:
+    """Every job of one server (the last 200), found by id, joined by key."""
 
-    def __init__(
-        self, catalog: ModelCatalog, images: ImageStore, models: ModelStore, captures: CaptureStore
-    ) -> None:
-        self.catalog = catalog
-        self.images = images
-        self.models = models
-        self.captures = captures
+    def __init__(self) -> None:
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featuremaps-job")
 
-    def start(self, spec: str, weights: str, image_id: str) -> Job:
-        """Queue a capture (or return the finished or running one for the same input).
-
-        Raises:
-            ApiError: a refused spec (400/403) or an unknown image (404).
-        """
-        spec, weights = self.catalog.check(spec, weights)
-        img = self.images.get(image_id)
-        cid = capture_key(spec, weights, image_id)
+    def open(self, key: str, capture_id: str = "", steps: int = 4) -> tuple[Job, bool]:
+        """The unfinished job of ``key``, or a new one; and whether it is new."""
         with self._lock:
             for job in self._jobs.values():
-                if job.capture_id == cid and not job.status.finished:
-                    return job
-            job = Job(uuid.uuid4().hex[:16], cid)
+                if job.key == key and not job.status.finished:
+                    return job, False
+            job = Job(uuid.uuid4().hex[:16], capture_id, key=key, steps=steps)
             self._jobs[job.id] = job
             while len(self._jobs) > _JOBS_KEPT:
                 self._jobs.popitem(last=False)
-        if cid in self.captures:
-            job.finish("cached")
-            return job
-        self._executor.submit(self._run, job, spec, weights, image_id, img)
-        return job
+            return job, True
 
     def get(self, job_id: str) -> Job:
         """A job by id.
@@ -124,18 +118,75 @@ class CaptureJobs:
             raise ApiError(404, f"no job {job_id!r}")
         return job
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+    def busy(self, prefix: str) -> list[Job]:
+        """Unfinished jobs whose key starts with ``prefix``."""
+        with self._lock:
+            return [
+                j for j in self._jobs.values() if j.key.startswith(prefix) and not j.status.finished
+            ]
 
-    def _run(self, job: Job, spec: str, weights: str, image_id: str, img: Image.Image) -> None:
-        try:
-            self.captures.put(self._capture(job, spec, weights, image_id, img))
+
+def run_job(job: Job, work: Callable[[Job], None], what: str) -> None:
+    """Run ``work(job)``; a user error fails the job with its message, anything else too."""
+    try:
+        work(job)
+        if not job.status.finished:
             job.finish()
-        except FeatureMapsError as exc:
-            job.fail(str(exc))
-        except Exception as exc:
-            log.exception("capture failed")
-            job.fail(f"unexpected error: {exc.__class__.__name__}: {exc}")
+    except FeatureMapsError as exc:
+        job.fail(str(exc))
+    except ApiError as exc:
+        job.fail(exc.message)
+    except Exception as exc:
+        log.exception("%s failed", what)
+        job.fail(f"unexpected error: {exc.__class__.__name__}: {exc}")
+
+
+class CaptureJobs:
+    """Starts captures as jobs on the board; runs them (and relevance jobs) one at a time."""
+
+    def __init__(
+        self,
+        catalog: ModelCatalog,
+        images: ImageStore,
+        models: ModelStore,
+        captures: CaptureStore,
+        board: JobBoard | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.images = images
+        self.models = models
+        self.captures = captures
+        self.board = board or JobBoard()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featuremaps-job")
+
+    def start(self, spec: str, weights: str, image_id: str) -> Job:
+        """Queue a capture (or return the finished or running one for the same input).
+
+        Raises:
+            ApiError: a refused spec (400/403) or an unknown image (404).
+        """
+        spec, weights = self.catalog.check(spec, weights)
+        img = self.images.get(image_id)
+        cid = capture_key(spec, weights, image_id)
+        job, new = self.board.open(f"capture:{cid}", cid)
+        if not new:
+            return job
+        if cid in self.captures:
+            job.finish("cached")
+            return job
+
+        def work(job: Job) -> None:
+            self.captures.put(self._capture(job, spec, weights, image_id, img))
+
+        self.executor.submit(run_job, job, work, "capture")
+        return job
+
+    def get(self, job_id: str) -> Job:
+        """A job by id (of any kind; see :meth:`JobBoard.get`)."""
+        return self.board.get(job_id)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     def _capture(
         self, job: Job, spec: str, weights: str, image_id: str, img: Image.Image

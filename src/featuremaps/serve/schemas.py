@@ -6,10 +6,10 @@ JSON the page reads is written down once, here.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 from ..summaries import json_floats
 from .jobs import Job, JobStatus
@@ -26,6 +26,80 @@ class CaptureRequest(BaseModel):
     image_id: str = Field(min_length=1, max_length=64)
 
 
+ClassIndex = Annotated[StrictInt, Field(ge=0, le=100_000)]
+ClassLabel = Annotated[str, Field(min_length=1, max_length=120)]
+
+
+class RelevanceRequest(BaseModel):
+    """Body of ``POST /api/captures/{id}/relevance``: the class, and the layer on show."""
+
+    target: ClassIndex | ClassLabel | None = None
+    """A class index, an ImageNet label, or null for the top-1 prediction."""
+    layer: str | None = Field(default=None, max_length=300)
+
+
+class TargetOut(BaseModel):
+    """The class relevance is computed for (``featuremaps.relevance.Target``)."""
+
+    index: int | None
+    label: str | None
+    prob: float | None
+    score: float
+
+
+class RelevanceOut(BaseModel):
+    """One layer's relevance to one class, as :func:`featuremaps.relevance` returned it."""
+
+    layer: str
+    target: TargetOut
+    channels: Floats
+    """Per-channel relevance (gradient x activation summed over space), full float32 values."""
+    order: list[int]
+    """Channels from the most to the least relevant."""
+    positive: float
+    negative: float
+    cam_shape: list[int]
+    gradcam_max: float | None
+    layercam_max: float | None
+
+
+class LabelsOut(BaseModel):
+    """The ImageNet class names, by index."""
+
+    labels: list[str]
+
+
+class VisualizeRequest(BaseModel):
+    """Body of ``POST /api/visualize``: a channel of a capture's model and the settings."""
+
+    capture_id: str = Field(min_length=1, max_length=64)
+    layer: str = Field(min_length=1, max_length=300)
+    channel: int = Field(ge=0, le=1_000_000)
+    steps: int = Field(default=128, ge=1, le=1024)
+    size: int = Field(default=128, ge=32, le=384)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+
+class VisualizationOut(BaseModel):
+    """A finished visualization: the objective, settings and its value along the way."""
+
+    id: str
+    objective: str
+    model: str
+    weights: str
+    layer: str
+    channel: int
+    steps: int
+    size: int
+    seed: int
+    value: float | None
+    history: Floats
+    seconds: float
+
+
+CamKind = Literal["gradcam", "layercam"]
+
+
 class ImageOut(BaseModel):
     """An image the server keeps, by content hash."""
 
@@ -35,10 +109,11 @@ class ImageOut(BaseModel):
 
 
 class JobOut(BaseModel):
-    """A capture job's progress."""
+    """A job's progress (a capture, a relevance or a visualization)."""
 
     job_id: str
     capture_id: str
+    result_id: str
     status: JobStatus
     phase: str
     step: int
@@ -65,6 +140,8 @@ class ConfigOut(BaseModel):
     scales: list[str]
     allow_code_models: bool
     max_upload_bytes: int
+    visualize_steps: int
+    visualize_size: int
 
 
 class LayerRow(BaseModel):
@@ -140,6 +217,13 @@ class GridMeta(BaseModel):
     vmax: Floats
 
 
+def exact_floats(values: Any) -> Floats:
+    """JSON numbers of an array, unrounded (float32 values are exact in JSON); None where
+    not finite."""
+    arr = np.asarray(values, np.float64).ravel()
+    return [float(v) if np.isfinite(v) else None for v in arr]
+
+
 def floats(values: Any) -> Floats:
     """JSON numbers of an array: 6 significant digits, None where not finite."""
     return json_floats(np.asarray(values, np.float64).ravel(), 6)
@@ -149,6 +233,7 @@ def job_out(job: Job) -> JobOut:
     return JobOut(
         job_id=job.id,
         capture_id=job.capture_id,
+        result_id=job.result_id,
         status=job.status,
         phase=job.phase,
         step=job.step,

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from ..summaries import ChannelStats, LayerSummary
 from .config import too_large
 from .errors import ApiError
 from .upload import RETRY_AFTER_S, Decoder
+
+if TYPE_CHECKING:
+    from .relevance import RelevanceEntry
 
 V = TypeVar("V")
 
@@ -247,6 +250,8 @@ class CaptureEntry:
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
     summaries: dict[str, LayerSummary] = field(default_factory=dict)
     pictures: dict[tuple[Any, ...], tuple[bytes, str]] = field(default_factory=dict)
+    relevance: OrderedDict[int, RelevanceEntry] = field(default_factory=OrderedDict)
+    """Relevance to each class asked for (the newest few), by class index."""
 
     def layer_info(self, name: str) -> LayerInfo:
         """The listing of a layer.
@@ -264,7 +269,8 @@ class CaptureEntry:
     def nbytes(self) -> int:
         tensors = sum(t.numel() * t.element_size() for t in self.maps.values())
         pngs = sum(len(data) + len(note) for data, note in self.pictures.values())
-        return tensors + self.x.numel() * 4 + self.display.nbytes + pngs
+        scores = sum(r.nbytes() for r in list(self.relevance.values()))
+        return tensors + self.x.numel() * 4 + self.display.nbytes + pngs + scores
 
 
 class CaptureStore:
@@ -289,6 +295,10 @@ class CaptureStore:
 
     def put(self, entry: CaptureEntry) -> None:
         self._entries.put(entry.id, entry)
+
+    def refresh(self) -> None:
+        """Evict again after an entry grew (relevance added to it)."""
+        self._entries.refresh()
 
     def get(self, capture_id: str) -> CaptureEntry:
         """A kept capture.

@@ -14,10 +14,11 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from PIL import Image
 
-from ...options import Norm, Scale
+from ...options import ChannelOrder, Norm, Scale
 from ...reduce import pca_rgb
 from ...render import colorize, colormap_lut, overlay, pca_picture, render_grid, upsample
-from ..deps import ChannelOrderParam, Cmap, Entry, LayerName, State
+from ..deps import RELEVANCE, ChannelOrderParam, Cmap, Entry, LayerName, State
+from ..errors import ApiError
 from ..pictures import channel_map, png, png_response, scaled
 from ..schemas import GridMeta, floats
 
@@ -38,8 +39,24 @@ def grid_png(
     scale: Scale = Scale.CHANNEL,
     max_maps: Annotated[int, Query(ge=1, le=256)] = 64,
     map_size: Annotated[int, Query(ge=8, le=256)] = 64,
+    target: Annotated[int | None, Query(ge=0)] = None,
 ) -> Response:
-    """The channel grid; the header ``X-Featuremaps-Grid`` says where each channel is."""
+    """The channel grid; the header ``X-Featuremaps-Grid`` says where each channel is.
+
+    ``order=relevance&target=K`` shows the most relevant channels to class ``K`` first
+    (its relevance must have been asked for: ``POST /api/captures/{id}/relevance``).
+    """
+    if order == RELEVANCE:
+        if target is None:
+            raise ApiError(
+                400,
+                "order=relevance needs target=K, the class whose relevance orders the "
+                "channels (ask for it first: POST /api/captures/{id}/relevance)",
+            )
+        shown: ChannelOrder = state.relevance.scores(e, target, layer)[1].order()
+    else:
+        shown = order
+        target = None
 
     def draw() -> tuple[bytes, str]:
         grid = render_grid(
@@ -47,7 +64,7 @@ def grid_png(
             max_maps=max_maps,
             norm=norm,
             cmap=cmap,
-            order=order,
+            order=shown,
             scale=scale,
             labels=True,
             colorbar=False,
@@ -65,7 +82,7 @@ def grid_png(
         )
         return png(grid.image), meta.model_dump_json()
 
-    key = ("grid", layer, cmap, norm, order, scale, max_maps, map_size)
+    key = ("grid", layer, cmap, norm, order, target, scale, max_maps, map_size)
     data, meta = state.captures.picture(e, key, draw)
     return png_response(data, {"X-Featuremaps-Grid": meta})
 
