@@ -259,6 +259,20 @@ def test_auto_foreground_on_a_synthetic_object_and_a_user_mask() -> None:
         pca_fit(fmap, foreground=np.ones((2, 3, 16, 16)))
 
 
+def test_edge_ring_follows_the_pixel_inside_it() -> None:
+    """An object running into the frame keeps its edge; a strip along the edge over the
+    background (zero padding's artifact in CNNs) is not foreground."""
+    g = torch.Generator().manual_seed(4)
+    bg, fg = torch.randn(24, generator=g) * 2, torch.randn(24, generator=g) * 2
+    fmap = bg[:, None, None] + 0.3 * torch.randn(24, 16, 16, generator=g)
+    fmap[:, 0:7, 5:13] = fg[:, None, None] + 0.3 * torch.randn(24, 7, 8, generator=g)
+    fmap[:, 15, :] = fg[:, None] + 0.3 * torch.randn(24, 16, generator=g)  # a strip
+    box = np.zeros((16, 16), bool)
+    box[0:7, 5:13] = True
+    res = pca_fit(fmap, foreground="auto")
+    np.testing.assert_array_equal(res.foreground[0], box)
+
+
 def test_recipe_options_are_checked() -> None:
     fmap = _structured()
     with pytest.raises(ReduceError, match="foreground 'yes'"):
@@ -333,7 +347,7 @@ def test_auto_foreground_keeps_the_pasted_photo(pasted_photo_maps) -> None:
         res = pca_fit(t, foreground="auto")
         fg = res.foreground[0]
         iou = (fg & box).sum() / (fg | box).sum()
-        assert iou > (0.55 if h >= 28 else 0.4), (name, iou)
+        assert iou > (0.6 if h >= 28 else 0.4), (name, iou)
         assert (res.rgb[0][~fg] == 0).all()  # the background is black
         # The plain PCA draws the grey background in colour.
         assert pca_rgb(t)[~box].max() > 0.2

@@ -134,8 +134,10 @@ class PCABasis:
             and 1 by min-max colours.
         whiten: projections are divided by ``sqrt(explained)``.
         colors: ``"minmax"`` or ``"sigmoid"``.
-        fg_axis, fg_offset: a pixel ``x`` is foreground when ``fg_axis @ x > fg_offset``;
-            ``fg_axis`` is ``None`` when every pixel is foreground.
+        fg_axis, fg_offset: a pixel ``x`` is foreground when ``fg_axis @ x > fg_offset``
+            (on maps of at least :data:`EDGE_MIN_SIDE` pixels a side, an edge pixel also
+            needs the pixel inside it to be); ``fg_axis`` is ``None`` when every pixel
+            is foreground.
         norm_limit: pixels whose norm exceeds it are outliers (``inf``: none).
     """
 
@@ -219,6 +221,8 @@ class PCABasis:
         for i in range(b):
             x, _, _ = self._map_pixels(t[i])
             fg, out = self._masks(x)
+            if self.fg_axis is not None:
+                fg = _edge_follows_inside(fg, h, w)
             if user is not None:
                 fg &= user[i]
             rgb = self.colour(self._values(x).T)
@@ -423,6 +427,22 @@ def map_rings(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     if min(h, w) >= EDGE_MIN_SIDE:
         return depth == 1, depth == 0
     return depth == 0, np.zeros(h * w, bool)
+
+
+def _edge_follows_inside(fg: np.ndarray, h: int, w: int) -> np.ndarray:
+    """``(h*w,)`` foreground flags where an edge-ring pixel also needs its inner neighbour.
+
+    The edge ring is left out of the foreground search (zero padding distorts it), so
+    the rule says little about it: an edge pixel stays foreground only where the pixel
+    just inside it is foreground too. An object running into the frame keeps its edge;
+    a padding strip over the background goes. Maps under :data:`EDGE_MIN_SIDE`: as is.
+    """
+    if min(h, w) < EDGE_MIN_SIDE:
+        return fg
+    grid = fg.reshape(h, w)
+    rows = np.clip(np.arange(h), 1, h - 2)
+    cols = np.clip(np.arange(w), 1, w - 2)
+    return (grid & grid[rows][:, cols]).reshape(-1)
 
 
 def _inv_sd(var: np.ndarray) -> np.ndarray:
