@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +163,52 @@ def test_atlas_in_bf16_through_the_local_engine(tiny_model: LoadedModel, tmp_pat
     doc = json.loads(result.atlas_json.read_text())
     assert result.images_used == 5 and len(doc["layers"]["features.3"]["channels"]) == 16
     assert next(tiny_model.module.parameters()).device.type == "cpu"
+
+
+def test_gpus_per_actor_checks_the_cluster() -> None:
+    pytest.importorskip("ray")
+    from featuremaps.atlas.engines.ray import gpus_per_actor
+
+    assert gpus_per_actor(None, {"CPU": 8.0}) == 0
+    assert gpus_per_actor(None, {"CPU": 8.0, "GPU": 4.0}) == 1
+    assert gpus_per_actor(0.5, {"GPU": 1.0}) == 0.5
+    assert gpus_per_actor(0, {"GPU": 4.0}) == 0
+    with pytest.raises(FeatureMapsError, match=r"--gpus-per-worker 1: the Ray cluster has 0 GPUs"):
+        gpus_per_actor(1, {"CPU": 8.0})
+
+
+class _Broken(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1:  # the probe (one blank image) passes, real batches fail
+            raise RuntimeError("the forward failed on a real batch")
+        return self.conv(x)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_an_actor_failure_is_one_line(tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((36, 36, 3), 40 * i, dtype=np.uint8)).save(data / f"{i}.png")
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    model = LoadedModel(_Broken().eval(), Preprocess(resize=32, crop=32), "broken", "random")
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="error")
+    try:
+        with pytest.raises(FeatureMapsError) as info:
+            build_atlas(model, data, "conv", tmp_path / "out", engine="ray", workers=1)
+    finally:
+        ray.shutdown()
+    message = str(info.value)
+    assert message.startswith("the Ray engine failed: RuntimeError: the forward failed")
+    assert "\n" not in message

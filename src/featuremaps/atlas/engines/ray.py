@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -50,6 +51,23 @@ def _import_ray() -> Any:
 def default_gpus_per_worker(resources: Mapping[str, float]) -> float:
     """One GPU per actor where the cluster has GPUs (``ray.cluster_resources()``), else 0."""
     return 1.0 if resources.get("GPU", 0) >= 1 else 0.0
+
+
+def gpus_per_actor(requested: float | None, resources: Mapping[str, float]) -> float:
+    """The GPUs each actor takes: ``requested``, or the default for the cluster.
+
+    Raises:
+        FeatureMapsError: the cluster has fewer GPUs than one actor asks for (Ray would
+            wait for them forever).
+    """
+    gpus = default_gpus_per_worker(resources) if requested is None else requested
+    have = resources.get("GPU", 0)
+    if gpus > have:
+        raise FeatureMapsError(
+            f"--gpus-per-worker {gpus:g}: the Ray cluster has {have:g} GPUs; "
+            "use --gpus-per-worker 0 to run the actors on CPUs"
+        )
+    return gpus
 
 
 def actor_device(gpus: float) -> torch.device:
@@ -128,11 +146,12 @@ class RayEngine:
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False  # the caller shows progress
         try:
-            gpus = self.options.gpus_per_worker
-            if gpus is None:
-                gpus = default_gpus_per_worker(ray.cluster_resources())
+            gpus = gpus_per_actor(self.options.gpus_per_worker, ray.cluster_resources())
             results = self._results(plan, pending, loaded, spec, gpus)
-            yield from _in_batch_order(results, pending)
+            try:
+                yield from _in_batch_order(results, pending)
+            except ray.exceptions.RayError as exc:
+                raise _actor_error(exc) from exc
         finally:
             ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
             if started:
@@ -168,6 +187,43 @@ class RayEngine:
         )
         for row in ds.iter_rows():
             yield BatchResult.from_bytes(bytes(row["result"]))
+
+
+_RAISED = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)): (.*)$")
+
+
+def _actor_error(exc: BaseException) -> FeatureMapsError:
+    """One line for a failure inside the Ray engine: the actor's own exception.
+
+    Ray Data hands back its wrappers (``RayTaskError(UserCodeException)``) whose text
+    holds the actor's traceback; the first exception named there that is not Ray's is
+    what went wrong. An actor's :class:`FeatureMapsError` keeps its message.
+    """
+    root, seen = exc, {id(exc)}
+    while True:
+        inner = getattr(root, "cause", None) or root.__cause__
+        if not isinstance(inner, BaseException) or id(inner) in seen:
+            break
+        root = inner
+        seen.add(id(inner))
+    if isinstance(root, FeatureMapsError):
+        return root
+    what = f"{type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''}"
+    for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines():
+        found = _RAISED.match(line.strip())
+        if found and not found.group(1).startswith("ray."):
+            name, message = found.groups()
+            if name.rsplit(".", 1)[-1] in _OWN_ERRORS:
+                return FeatureMapsError(message)
+            what = f"{name.rsplit('.', 1)[-1]}: {message}"
+            break
+    return FeatureMapsError(
+        f"the Ray engine failed: {what} (every node needs featuremaps and the model's code "
+        "installed, and must be able to read the images)"
+    )
+
+
+_OWN_ERRORS = {"FeatureMapsError", "ImageError", "ModelError", "LayerError", "OptionError"}
 
 
 def _in_batch_order(
