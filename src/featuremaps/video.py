@@ -219,7 +219,7 @@ def _safe_name(layer: str) -> str:
 
 
 class _Scratch:
-    """Per-layer maps and the shown frames, appended to files, read back as memmaps."""
+    """Per-layer maps and the shown frames, appended to files, read back row by row."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -240,24 +240,43 @@ class _Scratch:
             )
         self.files[name].write(np.ascontiguousarray(arr).tobytes())
 
-    def read(self, name: str, dtype: Any) -> np.ndarray:
+    def read(self, name: str, dtype: Any) -> _Rows:
         fh = self.files[name]
         fh.flush()
-        return np.memmap(fh.name, dtype=dtype, mode="r", shape=(self.frames, *self.shapes[name]))
+        return _Rows(Path(fh.name), np.dtype(dtype), (self.frames, *self.shapes[name]))
 
     def close(self) -> None:
         for fh in self.files.values():
             fh.close()
 
 
-def _frame_source(maps: np.ndarray) -> Callable[[], Iterator[PixelBlock]]:
+class _Rows:
+    """Rows of a scratch file, each read when asked (explicit reads: unlike a memory map,
+    the pages read do not stay in the process's resident memory)."""
+
+    def __init__(self, path: Path, dtype: np.dtype[Any], shape: tuple[int, ...]) -> None:
+        self.path, self.dtype, self.shape = path, dtype, shape
+        self.row_items = int(np.prod(shape[1:]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < self.shape[0]:
+            raise IndexError(i)
+        offset = i * self.row_items * self.dtype.itemsize
+        row = np.fromfile(self.path, self.dtype, count=self.row_items, offset=offset)
+        return row.reshape(self.shape[1:])
+
+
+def _frame_source(maps: _Rows) -> Callable[[], Iterator[PixelBlock]]:
     """The ``(T, C, h, w)`` maps of a video's frames as pixel blocks, one per frame."""
     t, c, h, w = maps.shape
     border, edge = map_rings(h, w)
 
     def source() -> Iterator[PixelBlock]:
         for i in range(t):
-            yield PixelBlock(np.asarray(maps[i]).reshape(c, h * w), border, edge)
+            yield PixelBlock(maps[i].reshape(c, h * w), border, edge)
 
     return source
 
@@ -571,8 +590,8 @@ def _write_pass(
             bases[name] = fit_recipe(_frame_source(maps[name]), recipe)
         if channels:
             sel = list(channels)
-            lo = np.min([maps[name][i, sel].min((1, 2)) for i in range(n)], 0)
-            hi = np.max([maps[name][i, sel].max((1, 2)) for i in range(n)], 0)
+            lo = np.min([maps[name][i][sel].min((1, 2)) for i in range(n)], 0)
+            hi = np.max([maps[name][i][sel].max((1, 2)) for i in range(n)], 0)
             ranges[name] = (lo, hi)
 
     videos = {name: out / f"{_safe_name(name)}.pca.mp4" for name in layers}
@@ -583,7 +602,7 @@ def _write_pass(
         writers = {name: _Writer(videos[name], out_rate, stack, lossless) for name in layers}
         for i in range(n):
             for name in layers:
-                fmap = np.asarray(maps[name][i])
+                fmap = maps[name][i]
                 res = bases[name].apply(fmap)
                 outlier_counts[name].append(res.outlier_count)
                 fg_share[name] += float(res.foreground.mean()) / n
@@ -593,7 +612,7 @@ def _write_pass(
                     span = np.where(hi > lo, hi - lo, 1.0)
                     for j, ch in enumerate(channels):
                         extra.append((fmap[ch] - lo[j]) / span[j] * (hi[j] > lo[j]))
-                writers[name].write(compose_frame(np.asarray(shown[i]), res.rgb[0], extra))
+                writers[name].write(compose_frame(shown[i], res.rgb[0], extra))
             if progress is not None:
                 rate = (i + 1) / max(time.perf_counter() - t0, 1e-9)
                 progress(VideoProgress("write", i + 1, n, rate))
