@@ -379,6 +379,9 @@ def test_save_writes_pictures_and_manifest(toy: ToyNet, tmp_path: Path) -> None:
         assert img.size == (32, 32) and img.mode == "RGB"
         assert np.array_equal(np.asarray(img), np.asarray(vis[0].to_pil()))
     assert not list(tmp_path.rglob("*.part"))
+    page = vis._repr_html_()
+    assert page.count("<img") == 3 and "channel:features.3:1 = " in page
+    assert vis[0]._repr_png_().startswith(b"\x89PNG")
 
 
 def test_cli_writes_pngs_and_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

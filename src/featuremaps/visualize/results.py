@@ -80,6 +80,22 @@ class Visualizations(Sequence[Visualization]):
     def __iter__(self) -> Iterator[Visualization]:
         return iter(self.items)
 
+    def _repr_html_(self) -> str:
+        """A row of the pictures with their objectives and values (notebooks)."""
+        import base64
+        import html
+
+        cells = []
+        for v in self.items:
+            data = base64.b64encode(v._repr_png_()).decode("ascii")
+            caption = html.escape(f"{v.objective.text} = {v.value:.4g}")
+            cells.append(
+                '<figure style="display:inline-block;margin:4px">'
+                f'<img src="data:image/png;base64,{data}" alt="{caption}">'
+                f'<figcaption style="font:12px monospace">{caption}</figcaption></figure>'
+            )
+        return "<div>" + "".join(cells) + "</div>"
+
     def file_names(self) -> list[str]:
         """A distinct PNG name per picture, from its objective."""
         names: list[str] = []
