@@ -2,6 +2,7 @@
 
 * :mod:`.cka`: the debiased linear CKA, accumulated over minibatches (pure numerics).
 * :mod:`.run`: one pass over the data through both models (:func:`compare_models`).
+* :mod:`.joint`: one PCA basis over the same layer of two checkpoints (:func:`joint_pca`).
 * :mod:`.outputs`: ``cka.json``, the heatmap ``cka.png`` and the page ``compare.html``.
 
 Example:
@@ -21,6 +22,7 @@ from typing import Any
 
 from .._files import output_lock, prepare_output_dir
 from .cka import MIN_BATCH, CKAAccumulator, debiased_cka
+from .joint import joint_basis, joint_pca
 from .run import ESTIMATOR, CompareResult, Side, check_options, compare_models
 
 __all__ = [
@@ -33,6 +35,8 @@ __all__ = [
     "build_compare",
     "compare_models",
     "debiased_cka",
+    "joint_basis",
+    "joint_pca",
 ]
 
 
