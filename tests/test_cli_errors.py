@@ -158,6 +158,26 @@ def test_read_only_out_folder_is_refused(work: Path, capsys: pytest.CaptureFixtu
     _assert_one_line_error(err, "permission denied")
 
 
+def test_unwritable_out_folder_is_refused_even_as_root(
+    work: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe file that proves --out takes a file fails as a read-only folder makes it."""
+    import tempfile
+
+    def denied(*args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setenv("LOADED_MARKER", str(work / "loaded"))
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    code, _, err = _run_main(
+        ["run", "slowmodel:touching", "img0.png", "--layers", "conv", "--out", "ro"], capsys
+    )
+    assert code == 1
+    _assert_one_line_error(err, "--out ro: permission denied; choose a folder you can write to")
+    assert not (work / "loaded").exists()
+    assert not (work / "ro").exists()  # made by the run, empty, removed
+
+
 def test_full_disk_is_one_line_naming_the_file(
     work: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

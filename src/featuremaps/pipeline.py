@@ -27,7 +27,6 @@ from ._files import (
     atomic_path,
     describe_os_error,
     output_lock,
-    prepare_output_dir,
     save_image,
     write_json,
 )
@@ -286,9 +285,8 @@ def run(
     bases: dict[str, PCABasis] | None = load_bases(pca_basis) if pca_basis else None
     out = Path(out_dir)
     created = not out.exists()
-    prepare_output_dir(out)
     try:
-        with output_lock(out, "featuremaps run"):
+        with output_lock(out, "featuremaps run"):  # prepares the folder first
             return _run_locked(
                 spec,
                 paths,
