@@ -125,8 +125,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--child", choices=["bare", "relevance", "first", "fwd+bwd"])
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # steadier figures on a busy machine
     if args.child:
         child(args.child, args.size)
         return
