@@ -1,12 +1,13 @@
 """Peak memory of ``featuremaps report`` against the number of images.
 
 The report keeps one image's maps at a time and only the small embedded data of the others
-(issue 9, item 5). Each measurement runs in a fresh process and reads its peak resident set
-size (``ru_maxrss``); the same images are also built the old way, holding every image's
-maps until the end (``analyze`` then the builder), for comparison.
+(issue 9, item 5), and writes the page in pieces. Each measurement runs in a fresh process
+and reads its peak resident set size (``ru_maxrss``); the same images are also built the
+old way, holding every image's maps until the end and the page as one string, for
+comparison.
 
-    .venv/bin/python benchmarks/bench_report_memory.py            # 20 and 200 images
-    .venv/bin/python benchmarks/bench_report_memory.py --counts 4 40
+    .venv/bin/python benchmarks/bench_report_memory.py            # 10 and 60 images
+    .venv/bin/python benchmarks/bench_report_memory.py --counts 20 200 --modes stream
 
 Model: torchvision ResNet-18 with random weights (nothing downloaded), layers ``stages``,
 64 channels per layer, the two bundled photos alternating.
@@ -30,24 +31,23 @@ import json, resource, sys, time
 from pathlib import Path
 from featuremaps import load_model
 from featuremaps.pipeline import analyze
-from featuremaps.report import ReportBuilder, ReportOptions, build_report
+from featuremaps.report import ReportBuilder, ReportOptions, write_report
 
 mode, folder, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 paths = sorted(folder.iterdir())
 model = load_model("resnet18", "none")
 start = time.perf_counter()
-if mode == "stream":
-    text = build_report(model, paths, "stages", max_channels=64, device="cpu")
-else:  # every image's maps held until the end, as before
+if mode == "stream":  # what `featuremaps report` does
+    write_report(out, model, paths, "stages", max_channels=64, device="cpu")
+else:  # every image's maps held until the end, and the page built as one string, as before
     results = analyze(model, paths, "stages", device="cpu")
     builder = ReportBuilder(model, ReportOptions(max_channels=64))
     for res in results:
         builder.add(res)
-    text = builder.html()
+    out.write_text(builder.html(), encoding="utf-8")
 seconds = time.perf_counter() - start
-out.write_text(text, encoding="utf-8")
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-print(json.dumps({"peak_bytes": peak, "html_bytes": len(text.encode()), "seconds": seconds}))
+print(json.dumps({"peak_bytes": peak, "html_bytes": out.stat().st_size, "seconds": seconds}))
 """
 
 
@@ -85,7 +85,7 @@ def measure(mode: str, n: int, work: Path) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--counts", type=int, nargs="+", default=[20, 200])
+    ap.add_argument("--counts", type=int, nargs="+", default=[10, 60])
     ap.add_argument("--modes", nargs="+", default=["stream", "held"])
     args = ap.parse_args()
     print(f"machine: {machine()}")

@@ -154,6 +154,23 @@ def test_script_json_cannot_close_the_script() -> None:
     assert json.loads(text) == obj
 
 
+def test_script_json_in_chunks_is_the_same_text() -> None:
+    from featuremaps.report.html import script_json_chunks
+
+    obj = {"a": ["</script>" * 50, 1.5, None], "b": {"c": "\u2028&" * 100}, "d": list(range(300))}
+    chunks = list(script_json_chunks(obj, size=64))
+    assert len(chunks) > 5 and "".join(chunks) == script_json(obj)
+
+
+def test_written_report_is_the_built_page(weird: LoadedModel, photo: Path, tmp_path: Path) -> None:
+    out = write_report(tmp_path / "r.html", weird, [photo], ["conv"], title="x")
+    text = out.read_text(encoding="utf-8")
+    built = build_report(weird, [photo], ["conv"], title="x")
+    strip = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC")  # the minute it was generated
+    assert strip.sub("", text) == strip.sub("", built)
+    assert "\x00" not in text
+
+
 def test_template_values_are_not_rescanned() -> None:
     assert fill_template("{{a}} {{b}}", {"a": "{{b}}", "b": "x"}) == "{{b}} x"
     with pytest.raises(FeatureMapsError, match="missing"):

@@ -23,7 +23,7 @@ import base64
 import datetime as _dt
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .._files import write_bytes
+from .._files import atomic_path
 from ..capture import FeatureMaps, LayoutContext
 from ..errors import FeatureMapsError, ReduceError
 from ..images import expand_inputs
@@ -52,7 +52,7 @@ from ..pipeline import ImageResult, Progress, iter_analyze, predictions_note
 from ..reduce import apply_scaling, compute_scaling, select_channels
 from ..render import LEVEL_LUT, LEVELS, colormap_lut, level_index, pca_picture
 from ..summaries import LayerSummary, json_float, json_floats
-from .html import asset, data_url, escape, fill_template, inline_csp, script_json
+from .html import asset, data_url, escape, fill_template, inline_csp, script_json_chunks
 
 __all__ = [
     "REPORT_CMAPS",
@@ -60,6 +60,7 @@ __all__ = [
     "ReportOptions",
     "atlas_png",
     "build_report",
+    "html_chunks",
     "layer_data",
     "page_values",
     "quantize",
@@ -323,21 +324,57 @@ def build_report(
         >>> text.startswith("<!doctype html>")
         True
     """
-    opts = ReportOptions(max_channels, order, cmap)  # type: ignore[arg-type]
+    return _build(
+        model,
+        images,
+        layers,
+        weights=weights,
+        options=ReportOptions(max_channels, order, cmap),  # type: ignore[arg-type]
+        full=full,
+        device=device,
+        title=title,
+        layout=layout,
+        progress=progress,
+    ).html()
+
+
+def _build(
+    model: str | LoadedModel,
+    images: Sequence[str | os.PathLike[str]],
+    layers: str | Sequence[str],
+    *,
+    weights: str,
+    options: ReportOptions,
+    full: bool,
+    device: str,
+    title: str | None,
+    layout: LayoutContext | None,
+    progress: Progress | None,
+) -> ReportBuilder:
+    """Capture and reduce each image in turn into a builder (see :func:`build_report`)."""
     paths = expand_inputs(images)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, weights)
-    builder = ReportBuilder(loaded, opts, full=full, title=title)
+    builder = ReportBuilder(loaded, options, full=full, title=title)
     # No enumerate() here: its reused result tuple would keep the last image's maps alive.
     for res in iter_analyze(loaded, paths, layers, full=full, device=device, layout=layout):
         builder.add(res)
         del res  # the maps go; the builder keeps the quantized data
         if progress:
             progress("render", len(builder.images), len(paths))
-    return builder.html()
+    return builder
 
 
 def render_html(data: dict[str, Any]) -> str:
     """Put report data into the page template with its inline style and script."""
+    return "".join(html_chunks(data))
+
+
+_DATA_MARK = "\x00featuremaps-data\x00"  # stands for the data while the template is filled
+
+
+def html_chunks(data: dict[str, Any]) -> Iterator[str]:
+    """The report page in pieces: the page up to the data, the data's JSON in pieces of
+    about 1 MB, the rest of the page. Writing them holds no second copy of the data."""
     css = report_css()
     js = report_script()
     values = {
@@ -345,9 +382,12 @@ def render_html(data: dict[str, Any]) -> str:
         "csp": escape(inline_csp([css], [js])),
         "css": css,
         "js": js,
-        "data": script_json(data),
+        "data": _DATA_MARK,
     }
-    return fill_template(asset("templates/report.html"), values)
+    head, tail = fill_template(asset("templates/report.html"), values).split(_DATA_MARK)
+    yield head
+    yield from script_json_chunks(data)
+    yield tail
 
 
 def page_values(data: dict[str, Any]) -> dict[str, str]:
@@ -386,9 +426,19 @@ def write_report(
     model: str | LoadedModel,
     images: Sequence[str | os.PathLike[str]],
     layers: str | Sequence[str] = "stages",
-    **kwargs: Any,
+    *,
+    weights: str = "DEFAULT",
+    max_channels: int | None = 64,
+    order: ChannelOrder | str = Order.INDEX,
+    cmap: str = "viridis",
+    full: bool = False,
+    device: str = "auto",
+    title: str | None = None,
+    layout: LayoutContext | None = None,
+    progress: Progress | None = None,
 ) -> Path:
-    """Build the report (see :func:`build_report`) and write it atomically to ``out``.
+    """Build the report (arguments as :func:`build_report`) and write it atomically to
+    ``out``, in pieces: the page is never held as one string.
 
     Returns:
         The path written.
@@ -401,6 +451,20 @@ def write_report(
         raise FeatureMapsError(
             f"--out {str(path)!r} is a folder; give a file name like report.html"
         )
-    text = build_report(model, images, layers, **kwargs)
-    write_bytes(path, text.encode("utf-8"))
+    opts = ReportOptions(max_channels, order, cmap)  # type: ignore[arg-type]
+    builder = _build(
+        model,
+        images,
+        layers,
+        weights=weights,
+        options=opts,
+        full=full,
+        device=device,
+        title=title,
+        layout=layout,
+        progress=progress,
+    )
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for chunk in html_chunks(builder.data()):
+            fh.write(chunk)
     return path

@@ -18,7 +18,7 @@ import html
 import io
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from typing import Any
 
@@ -33,6 +33,7 @@ __all__ = [
     "fill_template",
     "inline_csp",
     "script_json",
+    "script_json_chunks",
 ]
 
 _TOKEN = re.compile(r"\{\{(\w+)\}\}")
@@ -61,13 +62,11 @@ def fill_template(template: str, values: dict[str, str]) -> str:
     return _TOKEN.sub(sub, template)
 
 
-def script_json(obj: Any) -> str:
-    """JSON safe to place inside a ``<script>`` element (no ``<``, ``>`` or ``&``).
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), ensure_ascii=False)
 
-    NaN and ±Inf are refused (:func:`featuremaps.summaries.json_float` turns them into
-    ``null`` first).
-    """
-    text = json.dumps(obj, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+
+def _script_safe(text: str) -> str:
+    """JSON text with ``<``, ``>``, ``&`` and the JS line separators escaped."""
     return (
         text.replace("<", "\\u003c")
         .replace(">", "\\u003e")
@@ -75,6 +74,30 @@ def script_json(obj: Any) -> str:
         .replace("\u2028", "\\u2028")
         .replace("\u2029", "\\u2029")
     )
+
+
+def script_json(obj: Any) -> str:
+    """JSON safe to place inside a ``<script>`` element (no ``<``, ``>`` or ``&``).
+
+    NaN and ±Inf are refused (:func:`featuremaps.summaries.json_float` turns them into
+    ``null`` first).
+    """
+    return _script_safe(_ENCODER.encode(obj))
+
+
+def script_json_chunks(obj: Any, size: int = 1 << 20) -> Iterator[str]:
+    """:func:`script_json` in pieces of about ``size`` characters, never the whole text at
+    once (a large report is written without a second copy of its data in memory)."""
+    buf: list[str] = []
+    n = 0
+    for piece in _ENCODER.iterencode(obj):
+        buf.append(piece)
+        n += len(piece)
+        if n >= size:
+            yield _script_safe("".join(buf))
+            buf, n = [], 0
+    if buf:
+        yield _script_safe("".join(buf))
 
 
 def csp_hash(text: str) -> str:
