@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(exc))
     except OSError as exc:
         if exc.errno == errno.EPIPE:  # the reader of our output went away (| head)
-            sys.stderr = _Silent()
+            _silence_stdout()
             sys.exit(1)
         if settings.debug:
             raise
@@ -75,13 +75,18 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    err.print(plain(("error:", "red"), f" {message}") if code == 1 else message)
+    err.print(plain(("error:", "red"), f" {message}") if code == 1 else plain(message))
     sys.exit(code)
 
 
-class _Silent:
-    def write(self, text: str) -> int:
-        return len(text)
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the flush at exit does not fail on the closed pipe."""
+    import os
 
-    def flush(self) -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (captured in tests)
         pass
+    finally:
+        os.close(devnull)
