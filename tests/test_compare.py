@@ -322,6 +322,36 @@ def test_bad_input_is_clear(tmp_path: Path) -> None:
         compare_models(_tiny(0), _tiny(1), data, engine="ray")
 
 
+def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path) -> None:
+    data = _images(tmp_path / "d", 17)  # batches of 4: the 17th image joins the 4th batch
+    a, b = _tiny(0), _tiny(1)
+    kw: dict[str, Any] = {"layers": LAYERS, "batch_size": 4, "workers": 0, "device": "cpu"}
+    ref = compare_models(a, b, data, **kw)
+    state = tmp_path / "out" / "compare_state.npz"
+
+    def stop_after_two(phase: str, done: int, total: int) -> None:
+        if done >= 8:  # batch 0 folded and saved, batch 1 read but not folded
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        compare_models(
+            a, b, data, state_path=state, checkpoint_seconds=0, progress=stop_after_two, **kw
+        )
+    assert state.is_file()
+    again = compare_models(a, b, data, state_path=state, **kw)
+    assert again.resumed == 4 and again.images_used == ref.images_used == 17
+    assert again.batches == ref.batches == 4
+    np.testing.assert_allclose(again.matrix, ref.matrix, rtol=1e-12, atol=1e-15)
+    for name in LAYERS:
+        assert torch.equal(again.example_maps_a[name], ref.example_maps_a[name])
+    np.testing.assert_array_equal(np.stack(again.examples), np.stack(ref.examples))
+    # a checkpoint of another comparison is refused, unless told to start over
+    with pytest.raises(FeatureMapsError, match=r"another comparison.*--restart"):
+        compare_models(a, b, data, state_path=state, pool="mean", **kw)
+    fresh = compare_models(a, b, data, state_path=state, pool="mean", restart=True, **kw)
+    assert fresh.resumed == 0 and fresh.images_used == 17
+
+
 def test_output_folder_checked_before_compute(tmp_path: Path) -> None:
     data = _images(tmp_path / "d", 4)
     blocker = tmp_path / "file"

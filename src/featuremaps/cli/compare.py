@@ -55,6 +55,8 @@ def compare(
     engine: Annotated[str, typer.Option(help="local (ray is not available yet).")] = "local",
     workers: Annotated[int, typer.Option(help="Decoding processes.")] = 2,
     device: DeviceOpt = Device.AUTO,
+    checkpoint_every: Annotated[float, typer.Option(help="Seconds between checkpoints.")] = 60.0,
+    restart: Annotated[bool, typer.Option(help="Ignore a checkpoint in --out.")] = False,
 ) -> None:
     """Debiased linear CKA between every pair of layers of two models, a heatmap and a page."""
     import warnings
@@ -82,11 +84,14 @@ def compare(
             device=device,
             workers=workers,
             progress=progress,
+            checkpoint_seconds=checkpoint_every,
+            restart=restart,
         )
     r = done.result
+    resumed = f" ({r.resumed} done by an earlier run)" if r.resumed else ""
     out.print(
-        f"{r.images_used} of {r.images_total} images used, {len(r.skipped)} skipped"
-        + (f", {r.left_out} left out (last batch under 4)" if r.left_out else "")
+        f"{r.images_used} of {r.images_total} images used{resumed}, {len(r.skipped)} skipped"
+        + (f", {r.left_out} left out (under 4 readable for a batch)" if r.left_out else "")
         + f", {r.images_per_second:.1f} images/s",
         markup=False,
         highlight=False,

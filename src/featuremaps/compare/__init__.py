@@ -24,6 +24,7 @@ from .._files import output_lock, prepare_output_dir
 from .cka import MIN_BATCH, CKAAccumulator, debiased_cka
 from .joint import joint_basis, joint_pca
 from .run import ESTIMATOR, CompareResult, Side, check_options, compare_models
+from .state import STATE_FILE
 
 __all__ = [
     "ESTIMATOR",
@@ -61,7 +62,9 @@ def build_compare(
     """Check and lock ``out_dir``, run :func:`compare_models`, write the three outputs.
 
     The folder is checked (created, writable) before any model is loaded, and held with
-    an exclusive lock for the run, so two runs cannot write into one folder.
+    an exclusive lock for the run, so two runs cannot write into one folder. It also holds
+    the checkpoint (``compare_state.npz``): a run that was killed or interrupted resumes
+    where it stopped (``restart=True`` starts over).
 
     Raises:
         FeatureMapsError: ``out_dir`` unusable or in use, or anything
@@ -77,6 +80,7 @@ def build_compare(
         kwargs.get("examples", 4),
     )
     folder = prepare_output_dir(out_dir)
+    kwargs.setdefault("state_path", folder / STATE_FILE)
     with output_lock(folder, "featuremaps compare"):
         result = compare_models(model_a, model_b, data, **kwargs)
         files = write_outputs(result, folder)

@@ -15,6 +15,8 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from hashlib import sha256
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -27,6 +29,7 @@ from ..images import display_image
 from ..models import LoadedModel, Preprocess, load_model
 from ..pipeline import resolve_device
 from .cka import MIN_BATCH, CKAAccumulator, NonFiniteFeatures
+from .state import CompareState
 
 Pool = Literal["none", "mean"]
 POOLS: tuple[str, ...] = ("none", "mean")
@@ -74,7 +77,8 @@ class CompareResult:
         pool: ``none`` (flattened C·H·W maps) or ``mean`` (channel means).
         examples: display pictures ``(H, W, 3)`` uint8 of the first images used.
         example_maps_a, example_maps_b: per layer, those images' maps ``(N, C, H, W)``.
-        seconds: wall time of the pass; images_per_second: images used per second.
+        seconds: wall time of this run's pass; images_per_second: images it used per second.
+        resumed: images done by an earlier, interrupted run (from its checkpoint).
     """
 
     a: Side
@@ -92,6 +96,7 @@ class CompareResult:
     example_maps_b: dict[str, torch.Tensor] = field(default_factory=dict)
     seconds: float = 0.0
     images_per_second: float = 0.0
+    resumed: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The record written to ``cka.json`` (NaN as ``null``)."""
@@ -175,22 +180,34 @@ class _Batch:
     xa: torch.Tensor
     xb: torch.Tensor | None  # None: the same as xa
     bad: list[tuple[int, str]]
+    indices: tuple[int, ...] = ()  # the batches merged into this one (default: index)
+
+    def batches(self) -> tuple[int, ...]:
+        return self.indices or (self.index,)
 
 
 class _Batches(torch.utils.data.Dataset[_Batch]):
     """Item ``i``: batch ``i`` decoded with each distinct preprocessing."""
 
     def __init__(
-        self, paths: Sequence[str], batch_size: int, pa: Preprocess, pb: Preprocess
+        self,
+        paths: Sequence[str],
+        batch_size: int,
+        pa: Preprocess,
+        pb: Preprocess,
+        pending: Sequence[int] | None = None,
     ) -> None:
         self.paths = list(paths)
         self.batch_size = batch_size
         self.pa, self.pb = pa, pb
+        n = math.ceil(len(self.paths) / batch_size)
+        self.pending = list(range(n)) if pending is None else list(pending)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.paths) / self.batch_size)
+        return len(self.pending)
 
-    def __getitem__(self, i: int) -> _Batch:
+    def __getitem__(self, item: int) -> _Batch:
+        i = self.pending[item]
         first = i * self.batch_size
         paths = self.paths[first : first + self.batch_size]
         a = load_images(i, first, paths, self.pa)
@@ -214,7 +231,8 @@ def _merge(first: _Batch, second: _Batch) -> _Batch:
         np.concatenate([first.ids, second.ids]),
         torch.cat([first.xa, second.xa]),
         xb,
-        [],
+        [*first.bad, *second.bad],
+        (*first.batches(), *second.batches()),
     )
 
 
@@ -266,6 +284,9 @@ def compare_models(
     workers: int = 2,
     examples: int = 4,
     progress: Progress | None = None,
+    state_path: str | os.PathLike[str] | None = None,
+    checkpoint_seconds: float = 60.0,
+    restart: bool = False,
 ) -> CompareResult:
     """Debiased linear CKA between every selected layer of two models over a dataset.
 
@@ -283,6 +304,10 @@ def compare_models(
         workers: decoding processes.
         examples: images whose maps are kept for the side-by-side pictures.
         progress: called as ``progress(phase, done, total)``.
+        state_path: where to keep a checkpoint (``None``: none); a checkpoint of the same
+            configuration found there is resumed (see :mod:`.state`).
+        checkpoint_seconds: time between checkpoints (0: after every batch).
+        restart: ignore a checkpoint at ``state_path``.
 
     Returns:
         A :class:`CompareResult`.
@@ -308,19 +333,47 @@ def compare_models(
     dev = resolve_device(device)
     a = _side(la, layers if layers_a is None else layers_a, "A", dev)
     b = _side(lb, layers if layers_b is None else layers_b, "B", dev)
-    acc = CKAAccumulator(len(a.layers), len(b.layers))
-    kept: list[np.ndarray] = []
-    maps_a: dict[str, list[torch.Tensor]] = {n: [] for n in a.layers}
-    maps_b: dict[str, list[torch.Tensor]] = {n: [] for n in b.layers}
-    skipped: list[tuple[str, str]] = []
-    left_out = 0
-    done = 0
-    start = time.monotonic()
+    n_batches = math.ceil(len(paths) / batch_size)
+    config = {
+        "model_a": la.spec,
+        "weights_a": la.weights,
+        "preprocess_a": la.preprocess.to_dict(),
+        "model_b": lb.spec,
+        "weights_b": lb.weights,
+        "preprocess_b": lb.preprocess.to_dict(),
+        "layers_a": a.layers,
+        "layers_b": b.layers,
+        "pool": pool,
+        "batch_size": batch_size,
+        "examples": examples,
+        "images": len(paths),
+        "paths_sha256": sha256("\n".join(paths).encode()).hexdigest(),
+    }
+    sp = Path(state_path) if state_path is not None else None
+    if sp is not None and sp.is_file() and not restart:
+        st = CompareState.load(sp, config)
+    else:
+        st = CompareState(
+            config,
+            CKAAccumulator(len(a.layers), len(b.layers)),
+            maps_a={n: [] for n in a.layers},
+            maps_b={n: [] for n in b.layers},
+        )
+    acc = st.acc
+    todo = [i for i in range(n_batches) if i not in st.done]
+    resumed = sum(len(paths[i * batch_size : (i + 1) * batch_size]) for i in st.done)
+    examples_before = acc.examples
+    done = resumed
+    start = last_save = time.monotonic()
     if progress:
-        progress("images", 0, len(paths))
+        progress("images", done, len(paths))
+
+    def record_bad(batch: _Batch) -> None:
+        for i, msg in batch.bad:
+            st.skipped.append((paths[i], msg))
 
     def step(batch: _Batch) -> None:
-        nonlocal left_out
+        record_bad(batch)
         xa = batch.xa.to(dev, non_blocking=True)
         xb = xa if batch.xb is None else batch.xb.to(dev, non_blocking=True)
         fa = capture(la.module, xa, a.layers)
@@ -333,30 +386,33 @@ def compare_models(
             ok = _finite_rows([*feats_a, *feats_b])
             for j in np.flatnonzero(~ok.numpy()):
                 path = paths[int(batch.ids[j])]
-                skipped.append((path, "non-finite activations"))
+                st.skipped.append((path, "non-finite activations"))
                 warnings.warn(
                     f"skipped {path}: non-finite activations", SkippedImageWarning, stacklevel=3
                 )
             n_ok = int(ok.sum())
             if n_ok < MIN_BATCH:
-                left_out += n_ok
+                st.left_out += n_ok
+                st.done.update(batch.batches())
                 return
             acc.update([f[ok] for f in feats_a], [f[ok] for f in feats_b])
-        want = examples - len(kept)
+        st.done.update(batch.batches())
+        want = examples - len(st.kept)
         if want > 0:
             rows = torch.nonzero(ok).flatten()[:want]
-            kept.extend(display_image(batch.xa[int(r)], la.preprocess) for r in rows)
+            st.kept.extend(display_image(batch.xa[int(r)], la.preprocess) for r in rows)
             for n in a.layers:
-                maps_a[n].append(fa[n][rows].cpu())
+                st.maps_a[n].append(fa[n][rows].cpu())
             for n in b.layers:
-                maps_b[n].append(fb[n][rows].cpu())
+                st.maps_b[n].append(fb[n][rows].cpu())
 
     # One batch of look-ahead: a batch left with fewer than MIN_BATCH readable images
-    # (bad files, the dataset's tail) joins its neighbour instead of being lost.
+    # (bad files, the dataset's tail) joins its neighbour instead of being lost. A
+    # checkpoint holds only folded batches, so a resumed run merges the same way.
     pending: _Batch | None = None
-    for batch in _loader(_Batches(paths, batch_size, la.preprocess, lb.preprocess), workers):
+    dataset = _Batches(paths, batch_size, la.preprocess, lb.preprocess, todo)
+    for batch in _loader(dataset, workers):
         for i, msg in batch.bad:
-            skipped.append((paths[i], msg))
             warnings.warn(f"skipped {paths[i]}: {msg}", SkippedImageWarning, stacklevel=2)
         if pending is None:
             pending = batch
@@ -365,6 +421,9 @@ def compare_models(
         else:
             step(pending)
             pending = batch
+            if sp is not None and time.monotonic() - last_save >= checkpoint_seconds:
+                st.save(sp)
+                last_save = time.monotonic()
         done += len(batch.ids) + len(batch.bad)
         if progress:
             progress("images", done, len(paths))
@@ -372,27 +431,33 @@ def compare_models(
         if len(pending.ids) >= MIN_BATCH:
             step(pending)
         else:
-            left_out += len(pending.ids)
+            record_bad(pending)
+            st.left_out += len(pending.ids)
+            st.done.update(pending.batches())
     seconds = time.monotonic() - start
+    if sp is not None:
+        st.save(sp)
     if acc.batches == 0:
         raise FeatureMapsError(
             f"no batch of at least {MIN_BATCH} readable images in {len(paths)} file(s) "
-            f"({len(skipped)} skipped): the debiased CKA needs 4 images per batch"
+            f"({len(st.skipped)} skipped): the debiased CKA needs 4 images per batch"
         )
+    used_now = acc.examples - examples_before
     return CompareResult(
         a=a,
         b=b,
         matrix=acc.matrix(),
         images_total=len(paths),
         images_used=acc.examples,
-        skipped=skipped,
-        left_out=left_out,
+        skipped=sorted(st.skipped),
+        left_out=st.left_out,
         batches=acc.batches,
         batch_size=batch_size,
         pool=pool,
-        examples=kept,
-        example_maps_a={n: torch.cat(v) for n, v in maps_a.items() if v},
-        example_maps_b={n: torch.cat(v) for n, v in maps_b.items() if v},
+        examples=st.kept,
+        example_maps_a={n: torch.cat(v) for n, v in st.maps_a.items() if v},
+        example_maps_b={n: torch.cat(v) for n, v in st.maps_b.items() if v},
         seconds=seconds,
-        images_per_second=acc.examples / seconds if seconds > 0 else 0.0,
+        images_per_second=used_now / seconds if seconds > 0 else 0.0,
+        resumed=resumed,
     )
