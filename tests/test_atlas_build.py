@@ -22,6 +22,7 @@ from featuremaps.atlas import STATE_FILE, CheckpointError, SkippedImageWarning, 
 from featuremaps.atlas import build as build_module
 from featuremaps.atlas import outputs as outputs_module
 from featuremaps.cli import main
+from featuremaps.errors import Interrupted
 from featuremaps.models import Preprocess
 
 TESTS = Path(__file__).parent
@@ -281,3 +282,28 @@ class _WiderToy(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
+
+
+def test_ctrl_c_says_how_far_it_got_and_keeps_the_checkpoint(
+    images: Path, tiny_model: LoadedModel, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    calls = 0
+
+    def interrupt(phase: str, done: int, total: int) -> None:
+        nonlocal calls
+        calls += 1
+        if phase == "images" and calls == 3:  # after the second batch of two
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted) as info:
+        build_atlas(
+            tiny_model, images, "features.3", out, batch_size=2, workers=0, progress=interrupt
+        )
+    assert str(info.value) == (
+        f"interrupted: 4 of 6 images written to the checkpoint {out / STATE_FILE}; "
+        "run the same command to resume"
+    )
+    assert not (out / "atlas.json").exists()
+    result = build_atlas(tiny_model, images, "features.3", out, batch_size=2, workers=0)
+    assert result.resumed == 4 and result.images_used == 6

@@ -29,7 +29,7 @@ from hashlib import sha256
 from pathlib import Path
 
 from .._files import describe_os_error, output_lock
-from ..errors import FeatureMapsError, ImageError
+from ..errors import FeatureMapsError, ImageError, Interrupted
 from ..models import LoadedModel, load_model
 from ..options import Device, OptionError, Score, check_range, parse_choice
 from ..options import Engine as EngineName
@@ -213,16 +213,24 @@ def _build(
     seen = resumed
     if progress:
         progress("images", seen, len(paths))
-    for result in runner.run(plan, pending, loaded, spec):
-        state.fold(result)
-        for i, msg in result.bad:
-            warnings.warn(f"skipped {paths[i]}: {msg}", SkippedImageWarning, stacklevel=3)
-        seen += len(plan.batch(result.index)[1])
-        if time.monotonic() - last_save >= checkpoint_seconds:
-            state.save(state_path)
-            last_save = time.monotonic()
-        if progress:
-            progress("images", seen, len(paths))
+    results = runner.run(plan, pending, loaded, spec)
+    try:
+        for result in results:
+            state.fold(result)
+            for i, msg in result.bad:
+                warnings.warn(f"skipped {paths[i]}: {msg}", SkippedImageWarning, stacklevel=3)
+            seen += len(plan.batch(result.index)[1])
+            if time.monotonic() - last_save >= checkpoint_seconds:
+                state.save(state_path)
+                last_save = time.monotonic()
+            if progress:
+                progress("images", seen, len(paths))
+    except KeyboardInterrupt:
+        state.save(state_path)  # everything folded so far: a rerun resumes from here
+        where = f"the checkpoint {state_path}; run the same command to resume"
+        raise Interrupted(seen, len(paths), where) from None
+    finally:
+        results.close()  # an engine's clean-up (Ray's shutdown) runs now, not at exit
     seconds = time.monotonic() - start
     state.save(state_path)
     if state.n_images == 0:

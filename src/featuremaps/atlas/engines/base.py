@@ -11,7 +11,7 @@ and on which device is the engine's business; what it can do is declared in its
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -69,8 +69,11 @@ class Engine(Protocol):
 
     def run(
         self, plan: Plan, pending: Sequence[int], loaded: LoadedModel, spec: AtlasSpec
-    ) -> Iterator[BatchResult]:
+    ) -> Generator[BatchResult, None, None]:
         """Yield the results of ``pending`` (ascending batch numbers) in that order.
+
+        A generator: closing it early (Ctrl-C, an error in the driver) releases what
+        the engine holds (worker processes, a Ray instance it started).
 
         Args:
             plan: the fixed batches.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 
 import torch
 
@@ -33,7 +33,7 @@ class LocalEngine:
 
     def run(
         self, plan: Plan, pending: Sequence[int], loaded: LoadedModel, spec: AtlasSpec
-    ) -> Iterator[BatchResult]:
+    ) -> Generator[BatchResult, None, None]:
         if not pending:
             return
         module = loaded.module

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -127,7 +127,7 @@ class RayEngine:
 
     def run(
         self, plan: Plan, pending: Sequence[int], loaded: LoadedModel, spec: AtlasSpec
-    ) -> Iterator[BatchResult]:
+    ) -> Generator[BatchResult, None, None]:
         if not pending:
             return
         ray = self.ray
@@ -164,7 +164,7 @@ class RayEngine:
         loaded: LoadedModel,
         spec: AtlasSpec,
         gpus: float,
-    ) -> Iterator[BatchResult]:
+    ) -> Generator[BatchResult, None, None]:
         ray = self.ray
         rows = []
         for index in pending:
