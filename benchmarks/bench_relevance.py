@@ -13,6 +13,8 @@ alike, median of ``--repeats`` rounds after a warm-up:
   relevance, Grad-CAM and LayerCAM, everything copied to the CPU;
 * ``first``: the same with what capture keeps per model cleared first (the ``stages``
   preset then takes a probing forward, and the layout tracker hooks every module);
+* ``first-names``: the same first call with the five layers named instead of the preset
+  (no probing forward; the tracker still hooks every module once);
 * ``fwd+bwd``: a plain forward with the graph and ``torch.autograd.grad`` of the top-1
   logit with respect to the input, for scale.
 
@@ -39,6 +41,8 @@ import featuremaps as fm
 from featuremaps.capture import clear_cache
 
 LAYERS = "stages"
+NAMES = "relu,layer1,layer2,layer3,layer4"
+"""What ``stages`` gives for ResNet-50, named: no probing forward is needed."""
 
 
 def machine() -> str:
@@ -78,12 +82,22 @@ def sides(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Callable[[], obj
         clear_cache(model)
         return fm.relevance(model, x, LAYERS)
 
+    def first_names() -> object:
+        clear_cache(model)
+        return fm.relevance(model, x, NAMES)
+
     def fwd_bwd() -> object:
         inp = x.detach().requires_grad_(True)
         out = model(inp)
         return torch.autograd.grad(out.max(1).values.sum(), inp)
 
-    return {"bare": bare, "relevance": rel, "first": first, "fwd+bwd": fwd_bwd}
+    return {
+        "bare": bare,
+        "relevance": rel,
+        "first": first,
+        "first-names": first_names,
+        "fwd+bwd": fwd_bwd,
+    }
 
 
 def _status_mib(field: str) -> float:
@@ -126,7 +140,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--child", choices=["bare", "relevance", "first", "fwd+bwd"])
+    parser.add_argument("--child", choices=["bare", "relevance", "first", "first-names", "fwd+bwd"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)  # steadier figures on a busy machine
