@@ -165,6 +165,9 @@ class CaptureOut(BaseModel):
     input_size: list[int]
     predictions: list[dict[str, Any]] | None
     predictions_note: str | None
+    classifier: bool
+    """Whether the model is an ImageNet classifier (relevance to a class needs one)."""
+    pretrained: bool
     stages: list[str]
     layers: list[LayerRow]
 

@@ -15,6 +15,11 @@
     alpha: 0.55,
     gridUrl: null,
     seq: 0,
+    labels: null, // the ImageNet class names, loaded when a classifier is captured
+    target: null, // the class index whose relevance is shown
+    relevance: null, // the shown layer's relevance (GET .../relevance/{index})
+    relSeq: 0,
+    visSeq: 0,
   };
   const POLL_MS = 200;
   const POLL_LIMIT = 3000; // 10 minutes at most
@@ -172,6 +177,24 @@
     }
   }
 
+  // -- jobs ------------------------------------------------------------------------------
+
+  /** Poll a job until it is done; `show(job)` reports each step. Throws on an error. */
+  async function pollJob(job, show) {
+    for (let i = 0; job.status !== "done" && job.status !== "error" && i < POLL_LIMIT; i++) {
+      show(job);
+      await new Promise((r) => setTimeout(r, POLL_MS));
+      job = await (await api("/api/jobs/" + encodeURIComponent(job.job_id))).json();
+    }
+    if (job.status === "error") throw new Error(job.message);
+    if (job.status !== "done") throw new Error("the job is still running; try again later");
+    return job;
+  }
+
+  async function postJson(url, payload) {
+    return (await api(url, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(payload) })).json();
+  }
+
   // -- capture ---------------------------------------------------------------------------
 
   async function startCapture(ev) {
@@ -187,17 +210,13 @@
         image_id: state.imageId,
       });
       let job = await (await api("/api/captures", { method: "POST", headers: { "Content-Type": "application/json" }, body })).json();
-      for (let i = 0; job.status !== "done" && job.status !== "error" && i < POLL_LIMIT; i++) {
-        const frac = Math.max(0, job.step - 1) / job.steps;
-        status("Step " + job.step + "/" + job.steps + ": " + job.phase + " … " + job.elapsed.toFixed(1) + " s", {
+      job = await pollJob(job, (j) => {
+        const frac = Math.max(0, j.step - 1) / j.steps;
+        status("Step " + j.step + "/" + j.steps + ": " + j.phase + " … " + j.elapsed.toFixed(1) + " s", {
           busy: true,
-          fraction: frac + 0.5 / job.steps,
+          fraction: frac + 0.5 / j.steps,
         });
-        await new Promise((r) => setTimeout(r, POLL_MS));
-        job = await (await api("/api/jobs/" + encodeURIComponent(job.job_id))).json();
-      }
-      if (job.status === "error") throw new Error(job.message);
-      if (job.status !== "done") throw new Error("the capture is still running; try again later");
+      });
       if (seq !== state.seq) return;
       await loadCapture(job.capture_id, job.elapsed);
     } catch (err) {
@@ -211,6 +230,11 @@
     const summary = await (await api("/api/captures/" + encodeURIComponent(captureId))).json();
     state.capture = summary;
     state.channel = null;
+    state.target = null;
+    state.relevance = null;
+    $("relevance-view").hidden = true;
+    $("order-relevance").hidden = true;
+    setRelevanceOrderOption(false);
     $("welcome").hidden = true;
     $("input-card").hidden = false;
     $("input-img").src = captureUrl("/input.png");
@@ -226,9 +250,18 @@
       const fill = el("span");
       fill.style.width = Math.max(0.5, p.probability * 100).toFixed(1) + "%";
       bar.append(fill);
-      li.append(el("span", "pred-label", p.label), el("span", "pred-prob", (p.probability * 100).toFixed(1) + "%"), bar);
+      const label = el("span", "pred-label", p.label);
+      label.title = "show the relevance of each channel to " + p.label;
+      label.dataset.index = String(p.index);
+      label.setAttribute("role", "button");
+      label.tabIndex = 0;
+      label.addEventListener("click", () => pickClass(p.index));
+      label.addEventListener("keydown", (ev) => ev.key === "Enter" && pickClass(p.index));
+      li.dataset.index = String(p.index);
+      li.append(label, el("span", "pred-prob", (p.probability * 100).toFixed(1) + "%"), bar);
       preds.append(li);
     }
+    setupClassPicker(summary);
     renderLayerList();
     status(
       "Captured " + summary.model + " in " + (elapsed || 0).toFixed(1) + " s · " + summary.layers.length +
@@ -295,6 +328,8 @@
         chip("mean", fmt(info.layer_mean)),
         chip("max", fmt(info.layer_max))
       );
+      state.relevance = null;
+      if (state.target !== null) await loadRelevance();
       await refreshView();
       for (const l of state.capture.layers) if (l.name === name) l.captured = true;
     } catch (err) {
@@ -312,7 +347,9 @@
     const name = state.layer;
     const v = view();
     const img = $("grid-img");
-    const r = await api(captureUrl("/grid.png", Object.assign({ layer: name, map_size: mapSize() }, v)));
+    const params = Object.assign({ layer: name, map_size: mapSize() }, v);
+    if (v.order === "relevance") params.target = state.target;
+    const r = await api(captureUrl("/grid.png", params));
     const meta = JSON.parse(r.headers.get("X-Featuremaps-Grid"));
     const blob = await r.blob();
     if (state.layer !== name) return;
@@ -329,7 +366,10 @@
     img.dataset.channels = JSON.stringify(meta.channels);
     img.dataset.boxes = JSON.stringify(meta.boxes);
     const info = state.layerInfo;
-    const orderText = (state.config.order_labels || {})[v.order] || v.order;
+    const orderText =
+      v.order === "relevance" ? "most relevant to " + targetName() + " first" : (state.config.order_labels || {})[v.order] || v.order;
+    img.dataset.order = v.order;
+    $("order-relevance").classList.toggle("active", v.order === "relevance");
     const scaleText =
       v.scale === "channel"
         ? "each map coloured from its own min to its own max"
@@ -437,9 +477,217 @@
       stat("dead", info.dead ? "yes (all zero)" : "no");
       stat("map", info.shape.join("×"));
       stat("channel", ch + " (layer has " + state.layerInfo.channels + ")");
+      if (state.relevance && state.relevance.layer === name) {
+        const rank = state.relevance.order.indexOf(ch) + 1;
+        stat("relevance to " + state.relevance.target.label, fmt(state.relevance.channels[ch]) + " (rank " + rank + ")");
+      }
       $("channel-pane").dataset.channel = String(ch);
+      showCachedVisualization(name, ch);
     } catch (err) {
       fail(err);
+    }
+  }
+
+  // -- relevance to a class --------------------------------------------------------------
+
+  function targetName() {
+    const r = state.relevance;
+    if (r) return r.target.label + " (" + r.target.index + ")";
+    return state.labels && state.target !== null ? state.labels[state.target] : "the class";
+  }
+
+  function setRelevanceOrderOption(on) {
+    const sel = $("order-select");
+    let opt = sel.querySelector('option[value="relevance"]');
+    if (on && !opt) {
+      opt = el("option", null, "most relevant to the class first");
+      opt.value = "relevance";
+      sel.append(opt);
+    }
+    if (!on && opt) {
+      if (sel.value === "relevance") sel.value = sel.options[0].value;
+      opt.remove();
+    }
+  }
+
+  async function setupClassPicker(summary) {
+    const card = $("class-card");
+    card.hidden = false;
+    $("class-results").replaceChildren();
+    $("class-current").hidden = true;
+    const search = $("class-search");
+    search.value = "";
+    search.disabled = !summary.classifier;
+    card.dataset.classifier = summary.classifier ? "1" : "0";
+    if (!summary.classifier) {
+      $("class-note").textContent =
+        "Relevance to a class needs an ImageNet classifier (1000 classes); " + summary.model +
+        " is not one. In Python, featuremaps.relevance takes a callable target for any model.";
+      return;
+    }
+    $("class-note").textContent = summary.pretrained
+      ? "Click a prediction above, or search the 1000 ImageNet classes: the viewer shows which channels of each layer drive that class, and where."
+      : "Random weights: relevance to a class can be computed but means little. Search a class to see it anyway.";
+    if (!state.labels) state.labels = (await (await api("/api/labels")).json()).labels;
+  }
+
+  function searchClasses() {
+    const list = $("class-results");
+    const q = $("class-search").value.trim().toLowerCase();
+    if (!q || !state.labels) {
+      list.replaceChildren();
+      return;
+    }
+    const hits = [];
+    const asIndex = /^\d+$/.test(q) ? Number(q) : -1;
+    for (let i = 0; i < state.labels.length && hits.length < 12; i++) {
+      if (i === asIndex || state.labels[i].toLowerCase().includes(q)) hits.push(i);
+    }
+    list.replaceChildren(
+      ...hits.map((i) => {
+        const li = el("li");
+        const b = el("button", i === state.target ? "picked" : "", state.labels[i] + "  · " + i);
+        b.type = "button";
+        b.dataset.index = String(i);
+        b.addEventListener("click", () => pickClass(i));
+        li.append(b);
+        return li;
+      })
+    );
+    if (!hits.length) list.replaceChildren(el("li", "muted small", "no class matches " + JSON.stringify(q)));
+  }
+
+  async function pickClass(index) {
+    if (!state.capture) return;
+    const seq = ++state.relSeq;
+    const cid = state.capture.capture_id;
+    try {
+      const name = state.labels ? state.labels[index] : "class " + index;
+      let job = await postJson(captureUrl("/relevance"), { target: index, layer: state.layer });
+      job = await pollJob(job, (j) =>
+        status("Relevance to " + name + ": step " + j.step + "/" + j.steps + ", " + j.phase + " … " + j.elapsed.toFixed(1) + " s", {
+          busy: true,
+          fraction: j.step / j.steps,
+        })
+      );
+      if (seq !== state.relSeq || !state.capture || state.capture.capture_id !== cid) return;
+      state.target = Number(job.result_id);
+      for (const li of document.querySelectorAll("#pred-list li")) li.classList.toggle("picked", li.dataset.index === job.result_id);
+      for (const b of document.querySelectorAll("#class-results button")) b.classList.toggle("picked", b.dataset.index === job.result_id);
+      setRelevanceOrderOption(true);
+      $("order-relevance").hidden = false;
+      await loadRelevance();
+      status("Relevance to " + targetName() + " computed in " + job.elapsed.toFixed(1) + " s. Press “Order by relevance” to rank the grid.", { fraction: 1 });
+      if ($("order-select").value === "relevance") await refreshView();
+      else if (state.channel !== null) await selectChannel(state.channel);
+    } catch (err) {
+      fail(err);
+    }
+  }
+
+  async function loadRelevance() {
+    const name = state.layer;
+    const index = state.target;
+    const r = await (await api(captureUrl("/relevance/" + index, { layer: name }))).json();
+    if (state.layer !== name || state.target !== index) return;
+    state.relevance = r;
+    const t = r.target;
+    $("relevance-view").hidden = false;
+    $("relevance-view").dataset.target = String(t.index);
+    $("relevance-view").dataset.layer = name;
+    $("relevance-title").textContent = "Relevance to " + t.label + " (class " + t.index + ")";
+    $("relevance-meta").textContent =
+      "p = " + (t.prob * 100).toFixed(1) + "% · logit " + fmt(t.score) + " · layer sum: +" + fmt(r.positive) + " / " + fmt(r.negative);
+    $("class-current").hidden = false;
+    $("class-current").textContent = "Showing: " + t.label + " (class " + t.index + ", p " + (t.prob * 100).toFixed(1) + "%)";
+    const finite = r.channels.filter((v) => v !== null);
+    const top = Math.max(1e-30, ...finite.map(Math.abs));
+    const bars = (ids) =>
+      ids.map((ch) => {
+        const v = r.channels[ch];
+        const li = el("li");
+        li.dataset.channel = String(ch);
+        li.dataset.value = String(v);
+        li.title = "channel " + ch + ": relevance " + v;
+        const bar = el("div", "bar");
+        const fill = el("span");
+        fill.style.width = ((Math.abs(v) / top) * 100).toFixed(2) + "%";
+        bar.append(fill);
+        li.append(el("span", null, "#" + ch), bar, el("span", "val", fmt(v)));
+        li.addEventListener("click", () => selectChannel(ch));
+        return li;
+      });
+    const pos = r.order.filter((ch) => r.channels[ch] > 0).slice(0, 10);
+    const neg = r.order.filter((ch) => r.channels[ch] < 0).reverse().slice(0, 6);
+    $("relevance-pos").replaceChildren(...bars(pos));
+    $("relevance-neg").replaceChildren(...bars(neg));
+    const cam = (kind, id, max) => {
+      $(id).src = captureUrl("/relevance/" + index + "/cam.png", { layer: name, kind: kind, cmap: "jet", alpha: 0.5 });
+      $(id).dataset.layer = name;
+      $(id + "-range").textContent = "(0 … " + fmt(max) + ")";
+    };
+    cam("gradcam", "cam-gradcam", r.gradcam_max);
+    cam("layercam", "cam-layercam", r.layercam_max);
+    $("cam-colorbar").src = "/api/colorbar.png?" + query({ cmap: "jet" });
+  }
+
+  async function orderByRelevance() {
+    if (state.target === null) return;
+    $("order-select").value = "relevance";
+    if (state.tab !== "channels") document.querySelector('.tab[data-tab="channels"]').click();
+    else await refreshView();
+  }
+
+  // -- feature visualization -------------------------------------------------------------
+
+  const visDone = {}; // "layer\u0000channel\u0000steps\u0000size" -> result id, in this page
+
+  function visKey(layer, ch) {
+    return [layer, ch, $("vis-steps").value, $("vis-size").value].join("\u0000");
+  }
+
+  function showCachedVisualization(layer, ch) {
+    const id = visDone[visKey(layer, ch)];
+    $("vis-status").textContent = "";
+    if (id) showVisualization(id, layer, ch);
+    else $("vis-result").hidden = true;
+  }
+
+  async function showVisualization(id, layer, ch) {
+    const meta = await (await api("/api/visualizations/" + encodeURIComponent(id))).json();
+    if (state.layer !== layer || state.channel !== ch) return;
+    await Promise.all([
+      loaded($("vis-img"), "/api/visualizations/" + encodeURIComponent(id) + "/image.png"),
+      loaded($("vis-channel"), captureUrl("/overlay.png", { layer: layer, channel: ch, cmap: $("cmap-select").value, norm: $("norm-select").value, alpha: state.alpha })),
+    ]);
+    $("vis-img").dataset.objective = meta.objective;
+    $("vis-caption").textContent =
+      meta.objective + " · " + meta.steps + " steps at " + meta.size + " px, seed " + meta.seed + " · channel mean " + fmt(meta.value) + " · " + meta.seconds.toFixed(1) + " s";
+    $("vis-result").hidden = false;
+  }
+
+  async function runVisualization() {
+    if (!state.capture || state.channel === null) return;
+    const layer = state.layer;
+    const ch = state.channel;
+    const seq = ++state.visSeq;
+    const button = $("vis-button");
+    button.disabled = true;
+    const steps = Number($("vis-steps").value);
+    const size = Number($("vis-size").value);
+    try {
+      let job = await postJson("/api/visualize", { capture_id: state.capture.capture_id, layer: layer, channel: ch, steps: steps, size: size });
+      job = await pollJob(job, (j) => {
+        if (seq === state.visSeq) $("vis-status").textContent = "Step " + j.step + "/" + j.steps + ": " + j.phase + " … " + j.elapsed.toFixed(1) + " s";
+      });
+      visDone[[layer, ch, steps, size].join("\u0000")] = job.result_id;
+      if (seq !== state.visSeq || state.layer !== layer || state.channel !== ch) return;
+      $("vis-status").textContent = "Done in " + job.elapsed.toFixed(1) + " s.";
+      await showVisualization(job.result_id, layer, ch);
+    } catch (err) {
+      if (seq === state.visSeq) $("vis-status").textContent = "Error: " + err.message;
+    } finally {
+      button.disabled = false;
     }
   }
 
@@ -486,6 +734,12 @@
     });
     grid.addEventListener("mouseleave", () => ($("grid-hover").hidden = true));
     window.addEventListener("resize", placeSelection);
+    $("class-search").addEventListener("input", searchClasses);
+    $("order-relevance").addEventListener("click", () => orderByRelevance().catch(fail));
+    $("vis-button").addEventListener("click", runVisualization);
+    for (const id of ["vis-steps", "vis-size"]) {
+      $(id).addEventListener("change", () => state.channel !== null && showCachedVisualization(state.layer, state.channel));
+    }
     $("alpha-input").addEventListener("change", () => {
       state.alpha = Number($("alpha-input").value) / 100;
       if (state.channel !== null) selectChannel(state.channel);

@@ -52,6 +52,8 @@ def summary(e: Entry) -> CaptureOut:
         input_size=[int(e.display.shape[0]), int(e.display.shape[1])],
         predictions=e.predictions,
         predictions_note=note,
+        classifier=e.classifier,
+        pretrained=e.pretrained,
         stages=e.stages,
         layers=[
             LayerRow(

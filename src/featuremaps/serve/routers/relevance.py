@@ -7,13 +7,14 @@ from functools import cache
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import Response
 from PIL import Image
 
 from ...models import imagenet_categories
+from ...options import check_cmap
 from ...render import colorize, overlay, upsample
-from ..deps import Cmap, Entry, LayerName, State
+from ..deps import Entry, LayerName, State
 from ..pictures import png, png_response
 from ..schemas import (
     CamKind,
@@ -28,6 +29,14 @@ from ..schemas import (
 
 router = APIRouter(prefix="/api")
 ClassIndex = Annotated[int, Path(ge=0, le=100_000)]
+
+
+def get_cam_cmap(cmap: Annotated[str, Query(max_length=40)] = "jet") -> str:
+    """The CAM's colormap (``jet`` unless asked otherwise; 400 with suggestions)."""
+    return check_cmap(cmap, "cmap")
+
+
+CamCmap = Annotated[str, Depends(get_cam_cmap)]
 
 
 @cache
@@ -92,7 +101,7 @@ def cam_png(
     state: State,
     index: ClassIndex,
     layer: LayerName,
-    cmap: Cmap = "jet",
+    cmap: CamCmap,
     kind: CamKind = "gradcam",
     mode: Literal["overlay", "map"] = "overlay",
     alpha: Annotated[float, Query(ge=0.0, le=1.0)] = 0.5,
