@@ -114,7 +114,7 @@ def test_grid_order_top_and_explicit_list() -> None:
 def test_grid_order_variance_draws_the_most_varied_channels_first() -> None:
     rng = np.random.default_rng(5)
     spread = np.array([0.5, 4.0, 1.0, 0.1, 2.0, 3.0])
-    fmap = (rng.normal(size=(6, 4, 5)) * spread[:, None, None] + 10 - spread[:, None, None])
+    fmap = rng.normal(size=(6, 4, 5)) * spread[:, None, None] + 10 - spread[:, None, None]
     fmap = fmap.astype(np.float32)
     var = fmap.reshape(6, -1).astype(np.float64).var(axis=1)
     expected = np.argsort(-var, kind="stable")[:4].tolist()
