@@ -92,7 +92,7 @@ def compare(
     out.print(
         f"{r.images_used} of {r.images_total} images used{resumed}, {len(r.skipped)} skipped"
         + (f", {r.left_out} left out (under 4 readable for a batch)" if r.left_out else "")
-        + f", {r.images_per_second:.1f} images/s",
+        + (f", {r.images_per_second:.1f} images/s" if r.images_per_second > 0 else ""),
         markup=False,
         highlight=False,
     )
