@@ -449,7 +449,7 @@ def lite0():  # type: ignore[no-untyped-def]
 
 @pytest.mark.slow
 def test_a_class_visualization_is_classified_as_its_class(lite0) -> None:  # type: ignore[no-untyped-def]
-    vis = visualize(lite0, ["class:espresso", "class:goldfish"], steps=96, size=128, seed=0)
+    vis = visualize(lite0, ["class:espresso", "class:goldfish"], steps=64, size=128, seed=0)
     mean = torch.tensor(lite0.preprocess.mean).view(1, 3, 1, 1)
     std = torch.tensor(lite0.preprocess.std).view(1, 3, 1, 1)
     for v in vis:
@@ -465,7 +465,7 @@ def test_a_channel_visualization_excites_it_more_than_the_photos(lite0) -> None:
     from featuremaps import load_image, preprocess, sample_image
 
     layer = "_blocks.10"
-    vis = visualize(lite0, f"channel:{layer}:0-3", steps=64, size=128, seed=0)
+    vis = visualize(lite0, f"channel:{layer}:0-2", steps=32, size=112, seed=0)
     photos = torch.stack(
         [preprocess(load_image(sample_image(n)), lite0.preprocess) for n in ("cat", "coffee")]
     )
