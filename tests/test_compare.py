@@ -26,7 +26,7 @@ from featuremaps import capture, load_image, preprocess
 from featuremaps.compare import CKAAccumulator, build_compare, compare_models, debiased_cka
 from featuremaps.compare.joint import joint_pca
 from featuremaps.compare.outputs import PICTURE_SIZE, page_data
-from featuremaps.errors import FeatureMapsError, LayerError, ReduceError
+from featuremaps.errors import FeatureMapsError, Interrupted, LayerError, ReduceError
 from featuremaps.models import LoadedModel, Preprocess
 from featuremaps.pca import pca_rgb
 from featuremaps.render import pca_picture
@@ -333,10 +333,11 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path) -> None:
         if done >= 8:  # batch 0 folded and saved, batch 1 read but not folded
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match="4 of 17 images") as stopped:  # Ctrl-C saves
         compare_models(
-            a, b, data, state_path=state, checkpoint_seconds=0, progress=stop_after_two, **kw
+            a, b, data, state_path=state, checkpoint_seconds=3600, progress=stop_after_two, **kw
         )
+    assert isinstance(stopped.value, KeyboardInterrupt)
     assert state.is_file()
     again = compare_models(a, b, data, state_path=state, **kw)
     assert again.resumed == 4 and again.images_used == ref.images_used == 17

@@ -24,7 +24,7 @@ import torch
 
 from ..atlas import SkippedImageWarning, dataset_paths, fixed_size, load_images
 from ..capture import FeatureMaps, capture
-from ..errors import FeatureMapsError, LayerError
+from ..errors import FeatureMapsError, Interrupted, LayerError
 from ..images import display_image
 from ..models import LoadedModel, Preprocess, load_model
 from ..pipeline import resolve_device
@@ -411,29 +411,37 @@ def compare_models(
     # checkpoint holds only folded batches, so a resumed run merges the same way.
     pending: _Batch | None = None
     dataset = _Batches(paths, batch_size, la.preprocess, lb.preprocess, todo)
-    for batch in _loader(dataset, workers):
-        for i, msg in batch.bad:
-            warnings.warn(f"skipped {paths[i]}: {msg}", SkippedImageWarning, stacklevel=2)
-        if pending is None:
-            pending = batch
-        elif len(pending.ids) < MIN_BATCH or len(batch.ids) < MIN_BATCH:
-            pending = _merge(pending, batch)
-        else:
-            step(pending)
-            pending = batch
-            if sp is not None and time.monotonic() - last_save >= checkpoint_seconds:
-                st.save(sp)
-                last_save = time.monotonic()
-        done += len(batch.ids) + len(batch.bad)
-        if progress:
-            progress("images", done, len(paths))
-    if pending is not None:
-        if len(pending.ids) >= MIN_BATCH:
-            step(pending)
-        else:
-            record_bad(pending)
-            st.left_out += len(pending.ids)
-            st.done.update(pending.batches())
+    try:
+        for batch in _loader(dataset, workers):
+            for i, msg in batch.bad:
+                warnings.warn(f"skipped {paths[i]}: {msg}", SkippedImageWarning, stacklevel=2)
+            if pending is None:
+                pending = batch
+            elif len(pending.ids) < MIN_BATCH or len(batch.ids) < MIN_BATCH:
+                pending = _merge(pending, batch)
+            else:
+                step(pending)
+                pending = batch
+                if sp is not None and time.monotonic() - last_save >= checkpoint_seconds:
+                    st.save(sp)
+                    last_save = time.monotonic()
+            done += len(batch.ids) + len(batch.bad)
+            if progress:
+                progress("images", done, len(paths))
+        if pending is not None:
+            if len(pending.ids) >= MIN_BATCH:
+                step(pending)
+            else:
+                record_bad(pending)
+                st.left_out += len(pending.ids)
+                st.done.update(pending.batches())
+    except KeyboardInterrupt:
+        if sp is None:
+            raise
+        st.save(sp)  # every folded batch: the same command resumes from here
+        folded = sum(len(paths[i * batch_size : (i + 1) * batch_size]) for i in st.done)
+        where = f"the checkpoint {sp}; run the same command to resume"
+        raise Interrupted(folded, len(paths), where) from None
     seconds = time.monotonic() - start
     if sp is not None:
         st.save(sp)
