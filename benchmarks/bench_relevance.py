@@ -11,8 +11,9 @@ alike, median of ``--repeats`` rounds after a warm-up:
 * ``relevance``: ``relevance(model, x, "stages")`` (top-1 target): one forward with the
   graph, one backward to the five stage outputs, gradient x activation, channel
   relevance, Grad-CAM and LayerCAM, everything copied to the CPU;
-* ``first``: the same with what capture keeps per model cleared first (the ``stages``
-  preset then takes a probing forward, and the layout tracker hooks every module);
+* ``first``: the same on a copy of the model, with what capture keeps for it cleared
+  first (the ``stages`` preset then takes a probing forward, and the layout tracker
+  hooks every module);
 * ``first-names``: the same first call with the five layers named instead of the preset
   (no probing forward; the tracker still hooks every module once);
 * ``fwd+bwd``: a plain forward with the graph and ``torch.autograd.grad`` of the top-1
@@ -25,6 +26,7 @@ model and the image, so both carry the same baseline.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import os
 import platform
@@ -71,6 +73,8 @@ def setup(size: int) -> tuple[torch.nn.Module, torch.Tensor]:
 
 
 def sides(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    cold = copy.deepcopy(model)  # the first-call sides clear what is kept for this copy only
+
     def bare() -> object:
         with torch.no_grad():
             return model(x)
@@ -79,12 +83,12 @@ def sides(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Callable[[], obj
         return fm.relevance(model, x, LAYERS)
 
     def first() -> object:
-        clear_cache(model)
-        return fm.relevance(model, x, LAYERS)
+        clear_cache(cold)
+        return fm.relevance(cold, x, LAYERS)
 
     def first_names() -> object:
-        clear_cache(model)
-        return fm.relevance(model, x, NAMES)
+        clear_cache(cold)
+        return fm.relevance(cold, x, NAMES)
 
     def fwd_bwd() -> object:
         inp = x.detach().requires_grad_(True)
