@@ -3,13 +3,18 @@
 The page (plain HTML and JavaScript shipped in the package, nothing from a CDN) lets you
 pick a model and an image, lists the layers with their shapes, and shows a channel grid,
 an enlarged channel with its colorbar and an overlay on the input, and the PCA picture
-of each layer. The server answers with PNG pictures drawn by :mod:`featuremaps.render`.
+of each layer; for an ImageNet classifier, the relevance of each channel to a class
+(picked from the top-5 or searched) with Grad-CAM and LayerCAM overlays and a grid
+ordered by relevance; and, per channel, a feature visualization made by optimization.
+The server answers with PNG pictures drawn by :mod:`featuremaps.render`.
 
 Layout: ``app`` (factory, middleware, error handlers), ``guard`` (Host, token and Origin
 checks), ``deps`` (state reached through ``Depends``), ``routers/`` (pages, images,
-captures, pictures), ``schemas`` (JSON in and out), ``stores`` (images, models,
-captures), ``jobs`` (background captures), ``upload`` (bounded reading and decoding),
-``config`` (limits and the model-spec policy).
+captures, pictures, relevance, visualize), ``schemas`` (JSON in and out), ``stores``
+(images, models, captures), ``jobs`` (the job board and background captures),
+``relevance`` (relevance jobs and per-layer scores), ``visualize`` (visualization jobs,
+one at a time), ``upload`` (bounded reading and decoding), ``config`` (limits and the
+model-spec policy).
 
 Safety: the server binds to 127.0.0.1 by default and accepts only loopback ``Host``
 headers (against DNS rebinding) and same-origin requests; a bind beyond loopback keeps

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from ..errors import FeatureMapsError
 from ..images import SAMPLES
@@ -100,6 +101,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # list the models (seconds of torchvision imports) before the first request, so
+        # that the page's first /api/config answers at once
+        await run_in_threadpool(state.catalog.pretrained)
         yield
         state.close()
 
