@@ -117,6 +117,7 @@ def child(side: str, size: int) -> None:
     (``/proc/self/clear_refs``) after loading; where that fails, ``ru_maxrss``.
     """
     model, x = setup(size)
+    run = sides(model, x)[side]  # (the copy for the first-call sides is made here)
     gc.collect()
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -124,7 +125,7 @@ def child(side: str, size: int) -> None:
         base, field = _status_mib("VmRSS"), "VmHWM"
     except OSError:
         base, field = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, ""
-    sides(model, x)[side]()
+    run()
     if field:
         peak = _status_mib(field)
     else:
@@ -173,7 +174,7 @@ def main() -> None:
         ratio = statistics.median(t / b for t, b in zip(ts, times["bare"], strict=True))
         low = min(ts) * 1e3
         print(f"{name:>10}: {med * 1e3:8.1f} ms  ({ratio:.2f}x bare, paired; min {low:.1f} ms)")
-    for side in ("bare", "relevance", "first", "fwd+bwd"):
+    for side in ("bare", "relevance", "first", "first-names", "fwd+bwd"):
         base, peak = peak_memory(side, args.size)
         grow = peak - base
         print(f"peak RSS {side:>10}: {peak:7.1f} MiB (after loading {base:.1f} MiB: +{grow:.1f})")
