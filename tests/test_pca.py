@@ -395,3 +395,43 @@ def test_vit_register_tokens_with_planted_high_norm_tokens() -> None:
     # other tokens are squeezed into a sliver of their colour range.
     plain = pca_rgb(t)
     assert np.ptp(plain[~res.outliers[0]][:, :2], axis=0).max() < 0.1
+
+
+@pytest.mark.slow
+def test_run_cli_with_pca_foreground_writes_the_pictures(tmp_path) -> None:
+    """`featuremaps run efficientnet_lite0 photo.jpg --layers _blocks.4 --pca-foreground`:
+    per layer LAYER.pca.png (map resolution, background black) and LAYER.pca-overlay.png
+    (input size), the recipe and the outlier count in the manifest."""
+    import json
+
+    from PIL import Image
+
+    import featuremaps as fm
+    from featuremaps.cli import main
+
+    canvas = Image.new("RGB", (224, 224), (128, 128, 128))
+    canvas.paste(fm.load_image(fm.sample_image("cat")).resize((112, 112)), (56, 56))
+    photo = tmp_path / "photo.png"
+    canvas.save(photo)
+    out = tmp_path / "d"
+    main([
+        "run", "efficientnet_lite0", str(photo), "--layers", "_blocks.4",
+        "--pca-foreground", "--pca-outliers", "6", "--out", str(out),
+    ])  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["pca_recipe"] == {
+        "foreground": "auto", "whiten": False, "colors": "minmax", "outliers": 6.0
+    }  # fmt: skip
+    rec = manifest["images"][0]["layers"]["_blocks.4"]
+    assert rec["pca"]["foreground"] and isinstance(rec["pca"]["outliers"], int)
+    alone = np.asarray(Image.open(out / rec["pca_picture"]))
+    over = Image.open(out / rec["pca_overlay"])
+    assert alone.shape == (28, 28, 3) and over.size == (224, 224)
+    # The picture is the recipe's, pixel for pixel (8-bit rounding).
+    m = fm.load_model("efficientnet_lite0")
+    x = fm.preprocess(fm.load_image(photo), m.preprocess)[None]
+    ref = pca_fit(
+        fm.capture(m.module, x, ["_blocks.4"])["_blocks.4"], foreground="auto", outliers=6
+    )
+    np.testing.assert_array_equal(alone, (ref.rgb[0] * 255 + 0.5).astype(np.uint8))
+    assert (alone[~ref.foreground[0]] == 0).all() and alone[14, 14].any()

@@ -35,8 +35,18 @@ from .errors import FeatureMapsError, Interrupted, ReduceError
 from .images import display_image, expand_inputs, load_image, preprocess
 from .models import LoadedModel, load_model
 from .options import Device, RenderOptions, parse_choice
+from .pca import PCARecipe, PCAResult, pca_fit
 from .reduce import PCABasis, load_bases, pca_rgb
-from .render import pca_panel, render_grid
+from .relevance_outputs import (
+    RELEVANCE_ORDER,
+    ImageRelevance,
+    RelevanceRequest,
+    cam_picture,
+    check_request,
+    explain_image,
+    target_json,
+)
+from .render import overlay, pca_panel, pca_picture, render_grid
 from .summaries import LayerSummary
 
 Progress = Callable[[str, int, int], None]
@@ -52,6 +62,7 @@ class ImageResult:
     display: np.ndarray
     maps: FeatureMaps
     predictions: list[dict[str, Any]] | None = None
+    relevance: ImageRelevance | None = None
 
 
 @dataclass
@@ -127,12 +138,15 @@ def iter_analyze(
     layout: LayoutContext | None = None,
     allow_nan: bool = False,
     progress: Progress | None = None,
+    relevance: RelevanceRequest | None = None,
 ) -> Generator[ImageResult, None, None]:
     """Capture ``layers`` for each image (one forward each), yielding one at a time.
 
     Only the image being yielded is held: a caller that writes and drops each result
     runs in memory that does not grow with the number of images. Arguments as
-    :func:`analyze`.
+    :func:`analyze`; with ``relevance``, each result also carries the relevance of its
+    layers (:func:`featuremaps.relevance_outputs.explain_image`, one more forward and
+    backward).
 
     Raises:
         FeatureMapsError: on any bad input (image, layer, non-finite values).
@@ -153,7 +167,8 @@ def iter_analyze(
             assert model.categories is not None  # an ImageNet classifier has them
             preds = top_predictions(fm.output[0], model.categories)
         fm.output = None  # the logits are read; do not keep them
-        result = ImageResult(path, key, display_image(x[0], model.preprocess), fm, preds)
+        rel = explain_image(module, x, layers, relevance, layout=layout) if relevance else None
+        result = ImageResult(path, key, display_image(x[0], model.preprocess), fm, preds, rel)
         del x
         if progress:
             progress("capture", n, len(paths))
@@ -262,12 +277,17 @@ def run(
     allow_nan: bool = False,
     model: LoadedModel | None = None,
     progress: Progress | None = None,
+    pca_recipe: PCARecipe | None = None,
 ) -> RunResult:
     """Capture and render ``layers`` of ``spec`` for each image into ``out_dir``.
 
     Writes, per image, ``KEY/input.png``, ``KEY/LAYER.png`` (channel grid),
     ``KEY/pca_panel.png``, and ``manifest.json`` at the top (and
-    ``activations.safetensors`` with ``save_activations``). Each image is written and
+    ``activations.safetensors`` with ``save_activations``). With ``pca_recipe`` (the
+    DINO-style options of :func:`featuremaps.pca.pca_fit`: foreground, whitening,
+    colours, outliers) the PCA pictures follow it, and each layer also gets
+    ``KEY/LAYER.pca.png`` (map resolution) and ``KEY/LAYER.pca-overlay.png`` (over the
+    input), with the foreground share and the outliers in the manifest. Each image is written and
     dropped before the next is read, so memory does not grow with the image count.
 
     The inputs and the output folder are checked before the model is loaded; the folder
@@ -281,6 +301,8 @@ def run(
         >>> r = run("resnet18", [sample_image()], "layer1", "out", weights="none")
     """
     opts = options or RenderOptions()  # a RenderOptions is valid once built
+    if pca_recipe is not None:
+        pca_recipe.validate()
     paths = expand_inputs(images)
     bases: dict[str, PCABasis] | None = load_bases(pca_basis) if pca_basis else None
     out = Path(out_dir)
@@ -303,6 +325,7 @@ def run(
                 allow_nan=allow_nan,
                 model=model,
                 progress=progress,
+                pca_recipe=pca_recipe,
             )
     except BaseException:
         if created:
@@ -334,6 +357,7 @@ def _run_locked(
     allow_nan: bool,
     model: LoadedModel | None,
     progress: Progress | None,
+    pca_recipe: PCARecipe | None = None,
 ) -> RunResult:
     loaded = model or load_model(spec, weights)
     manifest: dict[str, Any] = {
@@ -343,6 +367,7 @@ def _run_locked(
         "full_image": full,
         "render": opts.to_json(),
         "pca_basis": str(pca_basis) if pca_basis else None,
+        "pca_recipe": _recipe_json(pca_recipe),
         "images": [],
     }
     manifest_path = out / "manifest.json"
@@ -355,7 +380,7 @@ def _run_locked(
         for res in results:
             if bases is not None:
                 _check_bases(bases, res.maps, pca_basis)
-            entry, written = _write_image(res, out, opts, bases, loaded, spool)
+            entry, written = _write_image(res, out, opts, bases, loaded, spool, pca_recipe)
             del res
             manifest["images"].append(entry)
             files.extend(written)
@@ -394,6 +419,7 @@ def _write_image(
     bases: dict[str, PCABasis] | None,
     loaded: LoadedModel,
     spool: _ActivationSpool | None,
+    recipe: PCARecipe | None = None,
 ) -> tuple[dict[str, Any], list[Path]]:
     """Render and write one image's pictures; its manifest entry and files.
 
@@ -432,7 +458,12 @@ def _write_image(
             if opts.pca:
                 try:
                     basis = bases.get(name) if bases else None
-                    pcas[name] = pca_rgb(t, opts.pca, basis=basis)
+                    if recipe is None:
+                        pcas[name] = pca_rgb(t, opts.pca, basis=basis)
+                    else:
+                        fitted = _pca_with_recipe(t, opts.pca, recipe, basis)
+                        pcas[name] = fitted.rgb[0]
+                        files.extend(_save_pca_pictures(res, fitted, folder, name, rec))
                 except ReduceError as exc:
                     rec["pca_error"] = str(exc)
             entry["layers"][name] = rec
@@ -530,6 +561,46 @@ def _write_file(write: Callable[[], object], path: Path) -> None:
         write()
     except OSError as exc:
         raise FeatureMapsError(f"cannot write {describe_os_error(exc, path)}") from exc
+
+
+def _recipe_json(recipe: PCARecipe | None) -> dict[str, Any] | None:
+    if recipe is None:
+        return None
+    return {
+        "foreground": recipe.foreground,
+        "whiten": recipe.whiten,
+        "colors": recipe.colors,
+        "outliers": recipe.outliers,
+    }
+
+
+def _pca_with_recipe(
+    t: torch.Tensor, components: int, recipe: PCARecipe, basis: PCABasis | None
+) -> PCAResult:
+    return pca_fit(
+        t,
+        components,
+        foreground=recipe.foreground,
+        whiten=recipe.whiten,
+        colors=recipe.colors,
+        outliers=recipe.outliers,
+        basis=basis,
+    )
+
+
+def _save_pca_pictures(
+    res: ImageResult, fitted: PCAResult, folder: Path, name: str, rec: dict[str, Any]
+) -> list[Path]:
+    """``LAYER.pca.png`` at map resolution and ``LAYER.pca-overlay.png`` over the input."""
+    rgb = fitted.rgb[0]
+    alone = folder / f"{_safe(name)}.pca.png"
+    over = folder / f"{_safe(name)}.pca-overlay.png"
+    saved = [_save(pca_picture(rgb, size=max(rgb.shape[:2])), alone)]
+    saved.append(_save(overlay(res.display, rgb, alpha=0.6), over))
+    rec["pca"] = fitted.summary()
+    rec["pca_picture"] = f"{res.key}/{alone.name}"
+    rec["pca_overlay"] = f"{res.key}/{over.name}"
+    return saved
 
 
 def _save(img: Any, path: Path) -> Path:

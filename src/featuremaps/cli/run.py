@@ -7,6 +7,7 @@ checks the rest before any model is loaded.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,6 +31,13 @@ from ._app import (
 
 ImagesArg = Annotated[list[str], typer.Argument(help="Image files, folders or globs.")]
 MaxMapsOpt = Annotated[int, typer.Option(min=0, help="Channels per grid (0: all).")]
+
+
+class PCAColors(StrEnum):
+    """How PCA components become colours (:class:`featuremaps.pca.PCARecipe`)."""
+
+    MINMAX = "minmax"
+    SIGMOID = "sigmoid"
 
 
 @app.command()
@@ -60,6 +68,27 @@ def run(
     pca_basis: Annotated[
         Path | None, typer.Option(help="Per-layer PCA bases from `featuremaps atlas`.")
     ] = None,
+    pca_foreground: Annotated[
+        bool,
+        typer.Option(
+            help="DINO-style PCA: split the first component, refit on the foreground, "
+            "background black; also writes LAYER.pca.png and LAYER.pca-overlay.png."
+        ),
+    ] = False,
+    pca_whiten: Annotated[
+        bool, typer.Option(help="PCA components scaled to unit variance (for sigmoid).")
+    ] = False,
+    pca_colors: Annotated[
+        PCAColors, typer.Option(help="PCA colours: minmax (own range) or sigmoid.")
+    ] = PCAColors.MINMAX,
+    pca_outliers: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="Leave out of the PCA the pixels whose norm exceeds the median by more "
+            "than K median absolute deviations (try 6); counted in the manifest.",
+        ),
+    ] = None,
     full: Annotated[bool, typer.Option(help="Keep the whole image (no centre crop).")] = False,
     device: DeviceOpt = Device.AUTO,
     save_activations: Annotated[
@@ -85,6 +114,16 @@ def run(
         colorbar=colorbar,
         pca=pca,
     )
+    recipe = None
+    if pca_foreground or pca_whiten or pca_colors != PCAColors.MINMAX or pca_outliers:
+        from ..pca import PCARecipe
+
+        recipe = PCARecipe(
+            foreground="auto" if pca_foreground else "none",
+            whiten=pca_whiten,
+            colors=pca_colors.value,  # type: ignore[arg-type]
+            outliers=pca_outliers,
+        )
     with progress_bar() as progress, warnings_shown():
         result = run_pipeline(
             model,
@@ -100,6 +139,7 @@ def run(
             layout=token_layout(tokens_grid, prefix_tokens),
             allow_nan=allow_nan,
             progress=progress,
+            pca_recipe=recipe,
         )
     _print_summary(result.manifest_data, result.out_dir, len(result.files))
 
