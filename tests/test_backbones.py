@@ -14,8 +14,8 @@ from torch import nn
 
 from conftest import FailingNet, hooks_left
 from featuremaps.capture import PRESETS, Capture, LayoutContext, capture, list_layers
-from featuremaps.errors import LayerError, ModelError, WeightsUnavailableError
 from featuremaps.capture.layout import model_tokens
+from featuremaps.errors import LayerError, ModelError, WeightsUnavailableError
 
 
 @pytest.fixture
