@@ -30,7 +30,7 @@ from .capture import Capture, LayerInfo, LayoutContext, check_input_size
 from .capture.layout import map_tensors, tensors_of
 from .errors import FeatureMapsError, LayerError, suggest
 
-__all__ = ["LayerRelevance", "Relevance", "Target", "TargetError", "relevance"]
+__all__ = ["LayerRelevance", "Relevance", "Target", "TargetError", "class_index", "relevance"]
 
 
 class TargetError(FeatureMapsError):
@@ -119,7 +119,20 @@ class Relevance(Mapping[str, LayerRelevance]):
 # -- targets ----------------------------------------------------------------------------------
 
 
-def _class_index(spec: int | str, classes: int, labels: list[str] | None) -> int:
+def class_index(spec: int | str, classes: int, labels: Sequence[str] | None = None) -> int:
+    """The class index a target names, checked before any compute.
+
+    Args:
+        spec: a class index or a class label (case-insensitive).
+        classes: how many classes the model's output has.
+        labels: the class names; by default the ImageNet names for 1000 classes.
+
+    Raises:
+        TargetError: an index out of range, or a label that is not a class name (with the
+            closest names).
+    """
+    if labels is None:
+        labels = _labels_for(classes)
     if isinstance(spec, str):
         if labels is None:
             raise TargetError(
@@ -166,11 +179,11 @@ def _scores(output: Any, target: TargetSpec, batch: int) -> tuple[torch.Tensor, 
     if target is None:
         picks = [int(i) for i in output.detach().argmax(1).cpu()]
     elif isinstance(target, (int, str)):
-        picks = [_class_index(target, classes, labels)] * batch
+        picks = [class_index(target, classes, labels)] * batch
     else:
         if len(target) != batch:
             raise TargetError(f"{len(target)} targets for a batch of {batch} images")
-        picks = [_class_index(t, classes, labels) for t in target]
+        picks = [class_index(t, classes, labels) for t in target]
     index = torch.tensor(picks, device=output.device)
     scores = output.gather(1, index[:, None])[:, 0]
     probs = output.detach().float().softmax(1).gather(1, index[:, None])[:, 0].cpu()
@@ -179,6 +192,9 @@ def _scores(output: Any, target: TargetSpec, batch: int) -> tuple[torch.Tensor, 
         for i, p, s in zip(picks, probs, scores.detach().cpu(), strict=True)
     ]
     return scores, targets
+
+
+_class_index = class_index  # the name relevance_outputs.py imported first
 
 
 # -- the maps ---------------------------------------------------------------------------------
