@@ -284,3 +284,14 @@ def test_efficientnet_lite0_tabby_cam_peaks_on_the_cat() -> None:
     espresso = relevance(model.module, x, layer, target="espresso")[layer].gradcam[0]
     assert int(espresso.argmax()) % espresso.shape[1] >= espresso.shape[1] // 2
     assert espresso[:, espresso.shape[1] // 2 :].sum() > 0.75 * espresso.sum()
+
+
+def test_class_index_checks_a_target_before_any_compute() -> None:
+    from featuremaps.relevance import class_index
+
+    assert class_index("Tabby", 1000) == 281 and class_index(5, 10) == 5
+    assert class_index("b", 3, ["a", "b", "c"]) == 1
+    with pytest.raises(TargetError, match="not the 1000 ImageNet classes"):
+        class_index("tabby", 10)
+    with pytest.raises(TargetError, match=r"not an index in 0\.\.9"):
+        class_index(10, 10)
