@@ -278,6 +278,7 @@ def run(
     model: LoadedModel | None = None,
     progress: Progress | None = None,
     pca_recipe: PCARecipe | None = None,
+    relevance: RelevanceRequest | None = None,
 ) -> RunResult:
     """Capture and render ``layers`` of ``spec`` for each image into ``out_dir``.
 
@@ -287,7 +288,10 @@ def run(
     DINO-style options of :func:`featuremaps.pca.pca_fit`: foreground, whitening,
     colours, outliers) the PCA pictures follow it, and each layer also gets
     ``KEY/LAYER.pca.png`` (map resolution) and ``KEY/LAYER.pca-overlay.png`` (over the
-    input), with the foreground share and the outliers in the manifest. Each image is written and
+    input), with the foreground share and the outliers in the manifest. With ``relevance``
+    (:class:`~featuremaps.relevance_outputs.RelevanceRequest`) each image's entry gains
+    ``target`` and each layer ``relevance`` (per channel) and ``KEY/LAYER.cam.png``
+    (Grad-CAM over the input); its ``order`` ranks the grids by relevance. Each image is written and
     dropped before the next is read, so memory does not grow with the image count.
 
     The inputs and the output folder are checked before the model is loaded; the folder
@@ -326,6 +330,7 @@ def run(
                 model=model,
                 progress=progress,
                 pca_recipe=pca_recipe,
+                relevance=relevance,
             )
     except BaseException:
         if created:
@@ -358,8 +363,11 @@ def _run_locked(
     model: LoadedModel | None,
     progress: Progress | None,
     pca_recipe: PCARecipe | None = None,
+    relevance: RelevanceRequest | None = None,
 ) -> RunResult:
     loaded = model or load_model(spec, weights)
+    if relevance is not None:
+        check_request(loaded, relevance)
     manifest: dict[str, Any] = {
         "model": loaded.spec,
         "weights": loaded.weights,
@@ -370,17 +378,28 @@ def _run_locked(
         "pca_recipe": _recipe_json(pca_recipe),
         "images": [],
     }
+    if relevance is not None and relevance.order:
+        manifest["render"]["order"] = RELEVANCE_ORDER
     manifest_path = out / "manifest.json"
     files: list[Path] = []
     spool = _ActivationSpool(out) if save_activations else None
     results = iter_analyze(
-        loaded, paths, layers, full=full, device=device, layout=layout, allow_nan=allow_nan
+        loaded,
+        paths,
+        layers,
+        full=full,
+        device=device,
+        layout=layout,
+        allow_nan=allow_nan,
+        relevance=relevance,
     )
     try:
         for res in results:
             if bases is not None:
                 _check_bases(bases, res.maps, pca_basis)
-            entry, written = _write_image(res, out, opts, bases, loaded, spool, pca_recipe)
+            entry, written = _write_image(
+                res, out, opts, bases, loaded, spool, pca_recipe, relevance
+            )
             del res
             manifest["images"].append(entry)
             files.extend(written)
@@ -420,6 +439,7 @@ def _write_image(
     loaded: LoadedModel,
     spool: _ActivationSpool | None,
     recipe: PCARecipe | None = None,
+    relevance: RelevanceRequest | None = None,
 ) -> tuple[dict[str, Any], list[Path]]:
     """Render and write one image's pictures; its manifest entry and files.
 
@@ -435,6 +455,9 @@ def _write_image(
         "predictions": res.predictions,
         "layers": {},
     }
+    rel = res.relevance.main if res.relevance is not None else None
+    if rel is not None:
+        entry["target"] = target_json(rel.target)
     if res.predictions is None:
         entry["predictions_note"] = predictions_note(
             loaded.is_imagenet_classifier, loaded.pretrained
@@ -448,13 +471,21 @@ def _write_image(
         pcas: dict[str, np.ndarray] = {}
         for name in res.maps:
             t = res.maps[name][0]
-            grid = render_grid(t, **opts.grid_kwargs())
+            ranked = rel is not None and relevance is not None and relevance.order
+            gopts = opts.replace(order=rel.order(name)) if ranked and rel else opts
+            grid = render_grid(t, **gopts.grid_kwargs())
             fname = f"{_safe(name)}.png"
             files.append(_save(grid.image, folder / fname))
             rec = LayerSummary.from_maps(name, res.maps).to_json()
             rec["grid"] = f"{res.key}/{fname}"
             rec["grid_channels"] = grid.channels
             del grid
+            if rel is not None:
+                rec["relevance"] = rel.layer_json(name)
+                title = f"Grad-CAM {name}: {rel.target.label}"
+                cam = cam_picture(res.display, rel.gradcam[name], title)
+                files.append(_save(cam, folder / f"{_safe(name)}.cam.png"))
+                rec["cam"] = f"{res.key}/{_safe(name)}.cam.png"
             if opts.pca:
                 try:
                     basis = bases.get(name) if bases else None

@@ -38,6 +38,7 @@ __all__ = [
     "explain_image",
     "parse_target",
     "relevance_order",
+    "request_from_options",
 ]
 
 RELEVANCE_ORDER = "relevance"
@@ -103,6 +104,10 @@ class ClassRelevance:
         """The channels of ``layer`` from the most to the least relevant (ties by index,
         NaN last)."""
         return relevance_order(self.channels[layer])
+
+    def layer_json(self, layer: str) -> list[float | None]:
+        """The relevance of ``layer``'s channels for JSON (exact; NaN/Inf as null)."""
+        return json_floats(self.channels[layer])
 
     def to_json(self, digits: int | None = None) -> dict[str, Any]:
         """``{target: {index, label, prob}, layers: {name: [relevance per channel]}}``."""
@@ -191,3 +196,19 @@ def cam_picture(display: np.ndarray, gradcam: np.ndarray, title: str) -> Image.I
     draw.text((w - 7 * len(top) - 2, h + bar_h + 3), top, fill=(0, 0, 0), font=font)
     draw.text((2, h + bar_h + 16), title[:60], fill=(0, 0, 0), font=font)
     return canvas
+
+
+def request_from_options(
+    order: str, target: str | int | None, flag: bool = False, top_classes: int = 0
+) -> tuple[str, RelevanceRequest | None]:
+    """The CLI's ``--order``/``--target``/``--relevance`` as the render order to use and the
+    relevance to compute (``None``: no relevance, the plain run).
+
+    ``--order relevance`` becomes the index order for :class:`RenderOptions` (each grid
+    is then given its explicit relevance order per layer).
+    """
+    ranked = order.strip().lower() == RELEVANCE_ORDER
+    if not (ranked or target is not None or flag or top_classes):
+        return order, None
+    request = RelevanceRequest(parse_target(target), ranked, top_classes)
+    return ("index" if ranked else order), request

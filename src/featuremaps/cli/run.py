@@ -30,6 +30,17 @@ from ._app import (
 )
 
 ImagesArg = Annotated[list[str], typer.Argument(help="Image files, folders or globs.")]
+ORDER_HELP_SUFFIX = "; relevance (most relevant to --target first)"
+TargetOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Class for relevance: an ImageNet label (tabby) or index (default: top-1). "
+        "Writes per-channel relevance and LAYER.cam.png (Grad-CAM)."
+    ),
+]
+RelevanceOpt = Annotated[
+    bool, typer.Option(help="Compute relevance to the top-1 class without --target.")
+]
 MaxMapsOpt = Annotated[int, typer.Option(min=0, help="Channels per grid (0: all).")]
 
 
@@ -56,7 +67,9 @@ def run(
     ] = 64,
     cmap: Annotated[str, typer.Option(help="Matplotlib colormap.")] = "viridis",
     norm: Annotated[Norm, typer.Option(help="How values map to colours.")] = Norm.LINEAR,
-    order: Annotated[str, typer.Option(help=order_help())] = "index",
+    order: Annotated[str, typer.Option(help=order_help() + ORDER_HELP_SUFFIX)] = "index",
+    target: TargetOpt = None,
+    relevance: RelevanceOpt = False,
     scale: Annotated[
         Scale, typer.Option(help="channel (own range) or layer (shared).")
     ] = Scale.CHANNEL,
@@ -101,7 +114,9 @@ def run(
     """Capture LAYERS for each image and write grids, PCA panels and manifest.json."""
     from ..options import RenderOptions
     from ..pipeline import run as run_pipeline
+    from ..relevance_outputs import request_from_options
 
+    order, wanted = request_from_options(order, target, relevance)
     opts = RenderOptions(
         max_maps=max_maps or None,
         cols=cols,
@@ -140,6 +155,7 @@ def run(
             allow_nan=allow_nan,
             progress=progress,
             pca_recipe=recipe,
+            relevance=wanted,
         )
     _print_summary(result.manifest_data, result.out_dir, len(result.files))
 
@@ -149,6 +165,9 @@ def _print_summary(manifest: dict[str, Any], out_dir: Path, n_files: int) -> Non
         out.print(plain((entry["path"], "bold")))
         for pred in entry.get("predictions") or []:
             out.print(plain(f"  {pred['probability']:6.1%}  {pred['label']}"))
+        if entry.get("target"):
+            t = entry["target"]
+            out.print(plain(f"  relevance to {t['label']} (class {t['index']}, p={t['prob']:.3g})"))
         for name, rec in entry["layers"].items():
             shape = "x".join(map(str, rec["shape"]))
             out.print(plain(f"  {name:<28} {shape:<18} -> {out_dir / rec['grid']}"))
