@@ -185,7 +185,9 @@ def test_class_picker_labels_are_validated(client: TestClient, lite: str, tabby:
     assert two.status_code == 400 and "264" in two.json()["detail"]
     assert "474" in two.json()["detail"]
     assert ask(client, lite, 1000).status_code == 400
-    assert ask(client, lite, True).status_code == 400
+    for wrong in (True, 2.5, [281]):
+        r = ask(client, lite, wrong)
+        assert r.status_code == 400 and "give a class index" in r.json()["detail"], wrong
     assert ask(client, lite, "x" * 500).status_code == 400
     assert ask(client, lite, "tabby", "no.such.layer").status_code == 404
     # any case, and the finished job is served from the cache

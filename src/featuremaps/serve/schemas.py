@@ -6,10 +6,10 @@ JSON the page reads is written down once, here.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field, StrictInt
+from pydantic import BaseModel, Field, field_validator
 
 from ..summaries import json_floats
 from .jobs import Job, JobStatus
@@ -26,16 +26,27 @@ class CaptureRequest(BaseModel):
     image_id: str = Field(min_length=1, max_length=64)
 
 
-ClassIndex = Annotated[StrictInt, Field(ge=0, le=100_000)]
-ClassLabel = Annotated[str, Field(min_length=1, max_length=120)]
-
-
 class RelevanceRequest(BaseModel):
     """Body of ``POST /api/captures/{id}/relevance``: the class, and the layer on show."""
 
-    target: ClassIndex | ClassLabel | None = None
+    target: int | str | None = None
     """A class index, an ImageNet label, or null for the top-1 prediction."""
     layer: str | None = Field(default=None, max_length=300)
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _class(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(
+                "give a class index, an ImageNet label, or null for the top-1 prediction"
+            )
+        if isinstance(value, int) and not 0 <= value <= 100_000:
+            raise ValueError("a class index is a number from 0")
+        if isinstance(value, str) and not 1 <= len(value) <= 120:
+            raise ValueError("a label is 1 to 120 characters long")
+        return value
 
 
 class TargetOut(BaseModel):
