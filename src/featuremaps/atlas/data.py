@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .._files import LOCK_NAME
 from ..errors import ImageError
 from ..images import IMAGE_SUFFIXES, expand_inputs, load_image, preprocess
 from ..models import Preprocess
@@ -293,6 +294,25 @@ def _identity(item: Any) -> Any:
     return item
 
 
+def release_inherited_lock(worker_id: int = 0) -> None:
+    """In a forked DataLoader worker: close the inherited descriptor of the output lock.
+
+    A flock lives as long as any descriptor of it, so without this a worker that
+    outlives a killed run (workers notice their parent's death only after a while)
+    would keep the output folder locked. Linux only (``/proc/self/fd``); elsewhere
+    workers are spawned and inherit nothing.
+    """
+    fds = Path("/proc/self/fd")
+    if not fds.is_dir():
+        return
+    for entry in list(fds.iterdir()):
+        try:
+            if os.readlink(entry).endswith(f"/{LOCK_NAME}"):
+                os.close(int(entry.name))
+        except (OSError, ValueError):
+            pass
+
+
 def batch_loader(
     plan: Plan, pending: Sequence[int], pp: Preprocess, workers: int
 ) -> torch.utils.data.DataLoader[LoadedBatch]:
@@ -304,4 +324,5 @@ def batch_loader(
         num_workers=workers,
         collate_fn=_identity,
         prefetch_factor=2 if workers else None,
+        worker_init_fn=release_inherited_lock,
     )

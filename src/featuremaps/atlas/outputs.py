@@ -31,7 +31,7 @@ from ..models import LoadedModel, Preprocess
 from ..reduce import save_bases
 from ..report import asset, fill_template
 from .batch import NO_IMAGE, AtlasSpec, LayerMeta
-from .data import Plan, load_images
+from .data import Plan, load_images, release_inherited_lock
 from .state import AtlasState
 
 CROP_FACTOR = 2.0
@@ -268,7 +268,11 @@ def write_crops(
     try:
         writer = _CropWriter(images, [wanted[i] for i in images], pp, fresh)
         loader = torch.utils.data.DataLoader(
-            writer, batch_size=None, num_workers=workers, collate_fn=_identity
+            writer,
+            batch_size=None,
+            num_workers=workers,
+            collate_fn=_identity,
+            worker_init_fn=release_inherited_lock,
         )
         for n, (_, error) in enumerate(loader, 1):
             if error:
