@@ -389,3 +389,10 @@ class RenderOptions:
             "labels": self.labels,
             "colorbar": self.colorbar,
         }
+
+
+class PCAColors(StrEnum):
+    """How PCA components become colours (:class:`featuremaps.pca.PCARecipe`)."""
+
+    MINMAX = "minmax"
+    SIGMOID = "sigmoid"

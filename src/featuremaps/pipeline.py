@@ -15,7 +15,7 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -48,6 +48,7 @@ from .relevance_outputs import (
 )
 from .render import overlay, pca_panel, pca_picture, render_grid
 from .summaries import LayerSummary
+from .video import VideoProgress, is_video, video_rate
 
 Progress = Callable[[str, int, int], None]
 """Called after each step as ``progress(phase, done, total)``."""
@@ -279,8 +280,20 @@ def run(
     progress: Progress | None = None,
     pca_recipe: PCARecipe | None = None,
     relevance: RelevanceRequest | None = None,
+    fps: float | None = None,
+    channels: Sequence[int] = (),
+    pca_joint: bool = False,
 ) -> RunResult:
     """Capture and render ``layers`` of ``spec`` for each image into ``out_dir``.
+
+    Videos among the inputs (:func:`featuremaps.video.is_video`; an animated GIF too)
+    go to :func:`featuremaps.video.video_pca` after the images: ``STEM/LAYER.pca.mp4``
+    (the input beside its PCA picture and the ``channels``, one basis over the video),
+    sampled at ``fps`` (``None``: the video's own rate, at most
+    :data:`DEFAULT_VIDEO_FPS`), listed under ``manifest["videos"]``. With ``pca_joint``
+    one basis per layer is fitted over all the images first (one extra forward per
+    image, constant memory: :class:`featuremaps.pca.PCAAccumulator`-style streaming
+    sums) and every image is drawn with it.
 
     Writes, per image, ``KEY/input.png``, ``KEY/LAYER.png`` (channel grid),
     ``KEY/pca_panel.png``, and ``manifest.json`` at the top (and
@@ -308,6 +321,14 @@ def run(
     if pca_recipe is not None:
         pca_recipe.validate()
     paths = expand_inputs(images)
+    videos = [p for p in paths if _is_video_input(p)]
+    paths = [p for p in paths if p not in videos]
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise FeatureMapsError(f"--fps must be a positive number, got {fps}")
+    if pca_joint and pca_basis:
+        raise FeatureMapsError("--pca-joint fits a basis; --pca-basis gives one: choose one")
+    for video in videos:
+        video_rate(video)  # opens it: a missing, corrupt or unsupported video fails here
     bases: dict[str, PCABasis] | None = load_bases(pca_basis) if pca_basis else None
     out = Path(out_dir)
     created = not out.exists()
@@ -331,6 +352,10 @@ def run(
                 progress=progress,
                 pca_recipe=pca_recipe,
                 relevance=relevance,
+                videos=videos,
+                fps=fps,
+                channels=channels,
+                pca_joint=pca_joint,
             )
     except BaseException:
         if created:
@@ -364,6 +389,10 @@ def _run_locked(
     progress: Progress | None,
     pca_recipe: PCARecipe | None = None,
     relevance: RelevanceRequest | None = None,
+    videos: Sequence[Path] = (),
+    fps: float | None = None,
+    channels: Sequence[int] = (),
+    pca_joint: bool = False,
 ) -> RunResult:
     loaded = model or load_model(spec, weights)
     if relevance is not None:
@@ -383,6 +412,15 @@ def _run_locked(
     manifest_path = out / "manifest.json"
     files: list[Path] = []
     spool = _ActivationSpool(out) if save_activations else None
+    if pca_joint and paths and opts.pca:
+        from .joint import joint_bases
+
+        joint = replace(pca_recipe or PCARecipe(), n_components=opts.pca)
+        bases = joint_bases(
+            loaded, paths, layers, joint, full=full, device=device, layout=layout,
+            allow_nan=allow_nan,
+        )
+        manifest["pca_joint"] = True
     results = iter_analyze(
         loaded,
         paths,
@@ -392,7 +430,7 @@ def _run_locked(
         layout=layout,
         allow_nan=allow_nan,
         relevance=relevance,
-    )
+    ) if paths else _no_results()
     try:
         for res in results:
             if bases is not None:
@@ -408,6 +446,15 @@ def _run_locked(
         if spool is not None:
             files.append(spool.finish({"model": loaded.spec}))
             manifest["activations"] = spool.path.name
+        for video in videos:
+            taken = {e["key"] for e in manifest["images"] + manifest.get("videos", [])}
+            given = None if pca_joint else bases  # a video fits its own basis over its frames
+            entry, written = _write_video(
+                loaded, video, layers, out, fps, pca_recipe, opts, channels, full, given,
+                device, taken, progress,
+            )
+            manifest.setdefault("videos", []).append(entry)
+            files.extend(written)
     except KeyboardInterrupt as exc:
         results.close()
         done = len(manifest["images"])
@@ -592,6 +639,89 @@ def _write_file(write: Callable[[], object], path: Path) -> None:
         write()
     except OSError as exc:
         raise FeatureMapsError(f"cannot write {describe_os_error(exc, path)}") from exc
+
+
+DEFAULT_VIDEO_FPS = 10.0
+"""Frames sampled per second of video when ``fps`` is not given: the video's own rate,
+at most this (a 30 fps clip gives every third frame; one forward each)."""
+
+
+def _is_video_input(path: Path) -> bool:
+    """A video suffix; a GIF only when animated (a still GIF is an image)."""
+    if not is_video(path):
+        return False
+    if path.suffix.lower() != ".gif":
+        return True
+    try:
+        with Image.open(path) as img:
+            return int(getattr(img, "n_frames", 1) or 1) > 1
+    except (OSError, ValueError):
+        return True  # unreadable: the video reader names the problem
+
+
+def _no_results() -> Generator[ImageResult, None, None]:
+    yield from ()
+
+
+def _write_video(
+    loaded: LoadedModel,
+    video: Path,
+    layers: str | Sequence[str],
+    out: Path,
+    fps: float | None,
+    recipe: PCARecipe | None,
+    opts: RenderOptions,
+    channels: Sequence[int],
+    full: bool,
+    bases: dict[str, PCABasis] | None,
+    device: str,
+    taken: set[str],
+    progress: Progress | None,
+) -> tuple[dict[str, Any], list[Path]]:
+    """One video's PCA videos under ``out/KEY``; its manifest entry and files."""
+    from .video import video_pca
+
+    base = _safe(video.stem) or "video"
+    key, n = base, 1
+    while key in taken:
+        n += 1
+        key = f"{base}-{n}"
+    if fps is None:
+        rate = video_rate(video)
+        fps = min(rate, DEFAULT_VIDEO_FPS) if rate else DEFAULT_VIDEO_FPS
+    r = recipe or PCARecipe()
+    loaded.module.to(resolve_device(device))
+
+    def report(p: VideoProgress) -> None:
+        if progress is not None:
+            progress(f"{key} {p.phase}", p.done, p.total or p.done)
+
+    res = video_pca(
+        loaded,
+        video,
+        layers,
+        out / key,
+        fps=fps,
+        n_components=opts.pca or 3,
+        foreground=r.foreground,
+        whiten=r.whiten,
+        colors=r.colors,
+        outliers=r.outliers,
+        channels=channels,
+        bases=bases,
+        full=full,
+        progress=report,
+    )
+    entry: dict[str, Any] = {
+        "path": str(video),
+        "key": key,
+        "frames": res.frames,
+        "fps": res.fps,
+        "videos": {name: f"{key}/{p.name}" for name, p in res.videos.items()},
+        "manifest": f"{key}/{res.manifest.name}",
+        "pca_basis": f"{key}/{res.basis_file.name}",
+    }
+    return entry, [*res.videos.values(), res.basis_file, res.manifest]
 
 
 def _recipe_json(recipe: PCARecipe | None) -> dict[str, Any] | None:

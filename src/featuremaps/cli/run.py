@@ -7,13 +7,21 @@ checks the rest before any model is loaded.
 
 from __future__ import annotations
 
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from ..options import MAX_MAP_SIZE, Device, Norm, PCAComponents, Scale, order_help, parse_order
+from ..options import (
+    MAX_MAP_SIZE,
+    Device,
+    Norm,
+    PCAColors,
+    PCAComponents,
+    Scale,
+    order_help,
+    parse_order,
+)
 from ._app import (
     DeviceOpt,
     LayersOpt,
@@ -30,10 +38,18 @@ from ._app import (
 )
 
 ImagesArg = Annotated[list[str], typer.Argument(help="Image files, folders or globs.")]
+RunInputsArg = Annotated[
+    list[str],
+    typer.Argument(
+        help="Image files, folders or globs; videos (MP4, WebM, MOV, MKV, AVI, animated "
+        "GIF) give PCA videos."
+    ),
+]
 ORDER_HELP_SUFFIX = "; relevance (most relevant to --target first)"
 TargetOpt = Annotated[
     str | None,
     typer.Option(
+        "--target",
         help="Class for relevance: an ImageNet label (tabby) or index (default: top-1). "
         "Writes per-channel relevance and LAYER.cam.png (Grad-CAM)."
     ),
@@ -44,17 +60,10 @@ RelevanceOpt = Annotated[
 MaxMapsOpt = Annotated[int, typer.Option(min=0, help="Channels per grid (0: all).")]
 
 
-class PCAColors(StrEnum):
-    """How PCA components become colours (:class:`featuremaps.pca.PCARecipe`)."""
-
-    MINMAX = "minmax"
-    SIGMOID = "sigmoid"
-
-
 @app.command()
 def run(
     model: ModelArg,
-    images: ImagesArg,
+    images: RunInputsArg,
     layers: LayersOpt = "stages",
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path(
         "featuremaps-out"
@@ -102,6 +111,29 @@ def run(
             "than K median absolute deviations (try 6); counted in the manifest.",
         ),
     ] = None,
+    pca_joint: Annotated[
+        bool,
+        typer.Option(
+            help="One PCA basis per layer over all the images, so a colour means the same "
+            "direction in every picture. Costs one extra forward per image (a first pass "
+            "fits the basis; memory does not grow with the image count)."
+        ),
+    ] = False,
+    fps: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="Video frames sampled per second (default: the video's own rate, at most "
+            "10). One forward per sampled frame; the PCA video plays at this rate.",
+        ),
+    ] = None,
+    channels: Annotated[
+        str | None,
+        typer.Option(
+            help="Channels drawn beside the PCA picture in the videos, e.g. 3,17 (gray, one "
+            "scale over the video).",
+        ),
+    ] = None,
     full: Annotated[bool, typer.Option(help="Keep the whole image (no centre crop).")] = False,
     device: DeviceOpt = Device.AUTO,
     save_activations: Annotated[
@@ -139,7 +171,7 @@ def run(
             colors=pca_colors.value,  # type: ignore[arg-type]
             outliers=pca_outliers,
         )
-    with progress_bar() as progress, warnings_shown():
+    with progress_bar(rate=True) as progress, warnings_shown():
         result = run_pipeline(
             model,
             images,
@@ -156,8 +188,27 @@ def run(
             progress=progress,
             pca_recipe=recipe,
             relevance=wanted,
+            fps=fps,
+            channels=_parse_channels(channels),
+            pca_joint=pca_joint,
         )
     _print_summary(result.manifest_data, result.out_dir, len(result.files))
+
+
+def _parse_channels(text: str | None) -> list[int]:
+    """``"3,17"`` -> ``[3, 17]``; a usage error names what is wrong."""
+    if not text:
+        return []
+    try:
+        chans = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r}: give channel indices separated by commas, e.g. 3,17",
+            param_hint="--channels",
+        ) from None
+    if any(c < 0 for c in chans):
+        raise typer.BadParameter(f"{text!r}: channels are 0 or more", param_hint="--channels")
+    return chans
 
 
 def _print_summary(manifest: dict[str, Any], out_dir: Path, n_files: int) -> None:
@@ -173,6 +224,11 @@ def _print_summary(manifest: dict[str, Any], out_dir: Path, n_files: int) -> Non
             out.print(plain(f"  {name:<28} {shape:<18} -> {out_dir / rec['grid']}"))
         if entry.get("pca_panel"):
             out.print(plain(f"  PCA panel -> {out_dir / entry['pca_panel']}"))
+    for video in manifest.get("videos", []):
+        rate = f"  {video['frames']} frames at {video['fps']:g} fps"
+        out.print(plain((video["path"], "bold"), rate))
+        for name, rel in video["videos"].items():
+            out.print(plain(f"  {name:<28} PCA video -> {out_dir / rel}"))
     out.print(plain(f"wrote {n_files} files to {out_dir} (manifest: {out_dir / 'manifest.json'})"))
 
 
@@ -211,7 +267,9 @@ def report(
     ),
     weights: WeightsOpt = "DEFAULT",
     max_maps: MaxMapsOpt = 64,
-    order: Annotated[str, typer.Option(help=order_help())] = "index",
+    order: Annotated[str, typer.Option(help=order_help() + ORDER_HELP_SUFFIX)] = "index",
+    class_target: TargetOpt = None,
+    relevance: RelevanceOpt = False,
     cmap: Annotated[str, typer.Option(help="Colormap shown first.")] = "viridis",
     title: Annotated[str | None, typer.Option(help="Page title.")] = None,
     full: Annotated[bool, typer.Option(help="Keep the whole image (no centre crop).")] = False,
@@ -225,8 +283,10 @@ def report(
     """
     from .._files import output_lock, prepare_output_file
     from ..options import REPORT_CMAPS, check_cmap
+    from ..relevance_outputs import request_from_options
     from ..report import write_report
 
+    order, wanted = request_from_options(order, class_target, relevance, top_classes=5)
     chan_order = parse_order(order)
     check_cmap(cmap, offered=REPORT_CMAPS)
     target = prepare_output_file(out_file)
@@ -249,5 +309,6 @@ def report(
             title=title,
             layout=token_layout(tokens_grid, prefix_tokens),
             progress=progress,
+            relevance=wanted,
         )
     out.print(plain(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); open it in a browser"))
