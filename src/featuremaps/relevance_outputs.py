@@ -38,6 +38,8 @@ __all__ = [
     "explain_image",
     "parse_target",
     "relevance_order",
+    "report_json",
+    "report_order",
     "request_from_options",
 ]
 
@@ -208,7 +210,44 @@ def request_from_options(
     is then given its explicit relevance order per layer).
     """
     ranked = order.strip().lower() == RELEVANCE_ORDER
-    if not (ranked or target is not None or flag or top_classes):
+    if not (ranked or target is not None or flag):
         return order, None
     request = RelevanceRequest(parse_target(target), ranked, top_classes)
     return ("index" if ranked else order), request
+
+
+def report_order(
+    rel: ImageRelevance | None, request: RelevanceRequest | None, layer: str, default: Any
+) -> Any:
+    """The channel order of ``layer``'s embedded grid: by relevance under ``--order
+    relevance``, else ``default``."""
+    if rel is not None and request is not None and request.order:
+        return rel.main.order(layer)
+    return default
+
+
+CAM_JPEG_QUALITY = 85
+
+
+def report_json(rel: ImageRelevance, display: np.ndarray, digits: int = 6) -> dict[str, Any]:
+    """What the report embeds of one image's relevance: per class (the target first,
+    then the other top classes) its target, each layer's per-channel relevance (all
+    channels, ``digits`` significant digits) and Grad-CAM over the input as a JPEG."""
+    from .report.html import data_url
+
+    classes = []
+    for c in rel.classes:
+        label = c.target.label or str(c.target.index)
+        layers = {
+            name: {
+                "relevance": json_floats(c.channels[name], digits),
+                "cam": data_url(
+                    cam_picture(display, c.gradcam[name], f"Grad-CAM {name}: {label}"),
+                    "JPEG",
+                    quality=CAM_JPEG_QUALITY,
+                ),
+            }
+            for name in c.channels
+        }
+        classes.append({"target": target_json(c.target), "layers": layers})
+    return {"classes": classes}

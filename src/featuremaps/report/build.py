@@ -50,9 +50,12 @@ from ..options import (
 from ..pca import pca_rgb
 from ..pipeline import ImageResult, Progress, iter_analyze, predictions_note
 from ..reduce import apply_scaling, compute_scaling, select_channels
+from ..relevance_outputs import RelevanceRequest, check_request, report_json, report_order
 from ..render import LEVEL_LUT, LEVELS, colormap_lut, level_index, pca_picture
 from ..summaries import LayerSummary, json_float, json_floats
 from .html import asset, data_url, escape, fill_template, inline_csp, script_json_chunks
+
+RELEVANCE_ORDER_TEXT = "most relevant to the target class first"
 
 __all__ = [
     "REPORT_CMAPS",
@@ -175,6 +178,7 @@ class ReportOptions:
     max_channels: int | None = 64
     order: ChannelOrder = Order.INDEX
     cmap: str = "viridis"
+    relevance: RelevanceRequest | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "order", parse_order(self.order, "order"))
@@ -225,6 +229,7 @@ class ReportBuilder:
         elif not model.pretrained:
             note = "random weights: these predictions are meaningless"
         display = Image.fromarray(res.display)
+        opts = self.options
         entry = {
             "key": res.key,
             "name": res.path.name,
@@ -238,12 +243,14 @@ class ReportBuilder:
                     name,
                     res.maps,
                     max_channels=self.options.max_channels,
-                    order=self.options.order,
+                    order=report_order(res.relevance, opts.relevance, name, opts.order),
                     index=index,
                 )
                 for name in res.maps
             },
         }
+        if res.relevance is not None:
+            entry["relevance"] = report_json(res.relevance, res.display)
         self.images.append(entry)
         self._names.append(res.path.name)
         return entry
@@ -260,7 +267,9 @@ class ReportBuilder:
             "preprocess": m.preprocess.describe(),
             "full_image": self.full,
             "order": order_to_json(opts.order),
-            "order_text": describe_order(opts.order),
+            "order_text": RELEVANCE_ORDER_TEXT
+            if opts.relevance and opts.relevance.order
+            else describe_order(opts.order),
             "cmap": opts.cmap,
             "cmaps": list(REPORT_CMAPS),
             "levels": LEVELS,
@@ -271,6 +280,7 @@ class ReportBuilder:
             },
             "layers": self.layers,
             "images": self.images,
+            "class_labels": m.categories if opts.relevance else None,
         }
 
     def html(self) -> str:
@@ -292,6 +302,7 @@ def build_report(
     title: str | None = None,
     layout: LayoutContext | None = None,
     progress: Progress | None = None,
+    relevance: RelevanceRequest | None = None,
 ) -> str:
     """Capture ``layers`` for each image and return the report as one HTML string.
 
@@ -311,6 +322,9 @@ def build_report(
         title: the page title (default: model and image names).
         layout: token-layout overrides for transformer outputs.
         progress: called as ``progress(phase, done, total)``.
+        relevance: what relevance to embed (``None``: none; see
+            :class:`~featuremaps.relevance_outputs.RelevanceRequest`): per image the
+            target's and the other top classes' per-channel relevance and Grad-CAM.
 
     Returns:
         The HTML text.
@@ -329,7 +343,7 @@ def build_report(
         images,
         layers,
         weights=weights,
-        options=ReportOptions(max_channels, order, cmap),  # type: ignore[arg-type]
+        options=ReportOptions(max_channels, order, cmap, relevance),  # type: ignore[arg-type]
         full=full,
         device=device,
         title=title,
@@ -355,8 +369,13 @@ def _build(
     paths = expand_inputs(images)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, weights)
     builder = ReportBuilder(loaded, options, full=full, title=title)
+    if options.relevance is not None:
+        check_request(loaded, options.relevance)
+    analyzed = iter_analyze(
+        loaded, paths, layers, full=full, device=device, layout=layout, relevance=options.relevance
+    )
     # No enumerate() here: its reused result tuple would keep the last image's maps alive.
-    for res in iter_analyze(loaded, paths, layers, full=full, device=device, layout=layout):
+    for res in analyzed:
         builder.add(res)
         del res  # the maps go; the builder keeps the quantized data
         if progress:
@@ -418,7 +437,9 @@ def report_css() -> str:
 
 def report_script() -> str:
     """The report's script: the shared helpers (``static/common.js``), then the page's."""
-    return asset("static/common.js") + "\n" + asset("static/report.js")
+    return "\n".join(
+        asset(f"static/{name}") for name in ("common.js", "report.js", "report_relevance.js")
+    )
 
 
 def write_report(
@@ -436,6 +457,7 @@ def write_report(
     title: str | None = None,
     layout: LayoutContext | None = None,
     progress: Progress | None = None,
+    relevance: RelevanceRequest | None = None,
 ) -> Path:
     """Build the report (arguments as :func:`build_report`) and write it atomically to
     ``out``, in pieces: the page is never held as one string.
@@ -451,7 +473,7 @@ def write_report(
         raise FeatureMapsError(
             f"--out {str(path)!r} is a folder; give a file name like report.html"
         )
-    opts = ReportOptions(max_channels, order, cmap)  # type: ignore[arg-type]
+    opts = ReportOptions(max_channels, order, cmap, relevance)  # type: ignore[arg-type]
     builder = _build(
         model,
         images,
