@@ -29,7 +29,7 @@ from ..errors import FeatureMapsError
 from ..images import display_image
 from ..models import LoadedModel, Preprocess
 from ..reduce import save_bases
-from ..report import asset, fill_template
+from ..report.html import asset, fill_template
 from .batch import NO_IMAGE, AtlasSpec, LayerMeta
 from .data import Plan, load_images, release_inherited_lock
 from .state import AtlasState
