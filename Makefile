@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
-	$(PIP) install -q -e ".[test,timm,serve,ray]"
+	$(PIP) install -q -e ".[test,timm,serve,ray,video,storage]"
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
