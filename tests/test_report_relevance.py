@@ -162,7 +162,21 @@ def test_picker_bars_cam_and_order_in_chromium(page: Any) -> None:
     chosen = next(k for k, c in enumerate(classes) if c["target"]["label"] == "tiger cat")
     assert page.eval_on_selector(".class-picker", "s => s.value") == str(chosen)
     page.select_option(".class-picker", "0")
-    page.eval_on_selector(".relevance-panel", "e => e.scrollIntoView()")
+    page.eval_on_selector(".relevance-panel", "e => { e.scrollIntoView(); scrollBy(0, -70); }")
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "report-relevance.png"))
     assert page.errors == []
+
+
+def test_cli_report_target(tmp_path: Path, photo: Path) -> None:
+    from featuremaps.cli import main
+
+    out = tmp_path / "c.html"
+    args = ["report", "resnet18", str(photo), "--weights", "none", "--layers", "layer4"]
+    try:
+        main([*args, "--target", "5", "--max-maps", "4", "--out", str(out)])
+    except SystemExit as exc:
+        assert not exc.code
+    classes = _data(out)["images"][0]["relevance"]["classes"]
+    assert classes[0]["target"]["index"] == 5
+    assert len(classes[0]["layers"]["layer4"]["relevance"]) == 512

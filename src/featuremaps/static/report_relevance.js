@@ -102,6 +102,8 @@ var featuremapsRelevance = (function () {
       body.style.gap = "1rem";
       body.style.flexWrap = "wrap";
       cam.style.width = "224px";
+      left.style.maxWidth = "660px";
+      camFig.style.margin = "0";
 
       function pick(text) {
         const want = text.trim().toLowerCase();
@@ -135,6 +137,10 @@ var featuremapsRelevance = (function () {
         if (sorted.every((c, k) => c === cells[k])) return; // already in order (no loop)
         grid.replaceChildren(...sorted);
         grid.dataset.order = state.ranked ? "relevance" : "embedded";
+        const gridNote = section.querySelector(".grid-note");
+        const said = " Shown most relevant to " + classes[state.cls].target.label + " first.";
+        gridNote.textContent = gridNote.textContent.replace(/ Shown most relevant to .* first\.$/, "");
+        if (state.ranked) gridNote.textContent += said;
       }
 
       function draw() {
