@@ -51,7 +51,7 @@ TargetOpt = Annotated[
     typer.Option(
         "--target",
         help="Class for relevance: an ImageNet label (tabby) or index (default: top-1). "
-        "Writes per-channel relevance and LAYER.cam.png (Grad-CAM)."
+        "Writes per-channel relevance and LAYER.cam.png (Grad-CAM).",
     ),
 ]
 RelevanceOpt = Annotated[
@@ -270,6 +270,14 @@ def report(
     order: Annotated[str, typer.Option(help=order_help() + ORDER_HELP_SUFFIX)] = "index",
     class_target: TargetOpt = None,
     relevance: RelevanceOpt = False,
+    compare: Annotated[
+        str | None,
+        typer.Option(
+            help="A second model (or checkpoint with --weights-b): its PCA pictures beside "
+            "these, one basis per pair of equal-width layers."
+        ),
+    ] = None,
+    weights_b: Annotated[str, typer.Option(help="Weights of --compare's model.")] = "DEFAULT",
     cmap: Annotated[str, typer.Option(help="Colormap shown first.")] = "viridis",
     title: Annotated[str | None, typer.Option(help="Page title.")] = None,
     full: Annotated[bool, typer.Option(help="Keep the whole image (no centre crop).")] = False,
@@ -310,5 +318,7 @@ def report(
             layout=token_layout(tokens_grid, prefix_tokens),
             progress=progress,
             relevance=wanted,
+            compare=compare,
+            weights_b=weights_b,
         )
     out.print(plain(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); open it in a browser"))

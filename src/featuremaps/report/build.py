@@ -54,6 +54,7 @@ from ..relevance_outputs import RelevanceRequest, check_request, report_json, re
 from ..render import LEVEL_LUT, LEVELS, colormap_lut, level_index, pca_picture
 from ..summaries import LayerSummary, json_float, json_floats
 from .html import asset, data_url, escape, fill_template, inline_csp, script_json_chunks
+from .side_by_side import compare_json, second_results
 
 RELEVANCE_ORDER_TEXT = "most relevant to the target class first"
 
@@ -179,6 +180,8 @@ class ReportOptions:
     order: ChannelOrder = Order.INDEX
     cmap: str = "viridis"
     relevance: RelevanceRequest | None = None
+    compare: str | LoadedModel | None = None
+    weights_b: str = "DEFAULT"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "order", parse_order(self.order, "order"))
@@ -215,8 +218,11 @@ class ReportBuilder:
         self.images: list[dict[str, Any]] = []
         self._names: list[str] = []
 
-    def add(self, res: ImageResult, index: int = 0) -> dict[str, Any]:
-        """Add one image (image ``index`` of ``res.maps``); returns its embedded data."""
+    def add(
+        self, res: ImageResult, index: int = 0, other: ImageResult | None = None
+    ) -> dict[str, Any]:
+        """Add one image (image ``index`` of ``res.maps``); returns its embedded data.
+        ``other``: the compared model's maps of the same image (``--compare``)."""
         if not self.layers:
             self.layers = [
                 {"name": n, "type": res.maps.info[n].module_type, "shape": list(res.maps[n].shape)}
@@ -251,6 +257,10 @@ class ReportBuilder:
         }
         if res.relevance is not None:
             entry["relevance"] = report_json(res.relevance, res.display)
+        if other is not None:
+            b = opts.compare
+            spec_b = b.spec if isinstance(b, LoadedModel) else str(b)
+            entry["compare"] = compare_json(res, other, spec_b, opts.weights_b)
         self.images.append(entry)
         self._names.append(res.path.name)
         return entry
@@ -303,6 +313,8 @@ def build_report(
     layout: LayoutContext | None = None,
     progress: Progress | None = None,
     relevance: RelevanceRequest | None = None,
+    compare: str | LoadedModel | None = None,
+    weights_b: str = "DEFAULT",
 ) -> str:
     """Capture ``layers`` for each image and return the report as one HTML string.
 
@@ -325,6 +337,9 @@ def build_report(
         relevance: what relevance to embed (``None``: none; see
             :class:`~featuremaps.relevance_outputs.RelevanceRequest`): per image the
             target's and the other top classes' per-channel relevance and Grad-CAM.
+        compare: a second model (spec or loaded) whose PCA pictures are shown beside
+            these, one basis per pair of equal-width layers (layers paired in order).
+        weights_b: the second model's weights (as ``weights``).
 
     Returns:
         The HTML text.
@@ -343,7 +358,7 @@ def build_report(
         images,
         layers,
         weights=weights,
-        options=ReportOptions(max_channels, order, cmap, relevance),  # type: ignore[arg-type]
+        options=ReportOptions(max_channels, order, cmap, relevance, compare, weights_b),  # type: ignore[arg-type]
         full=full,
         device=device,
         title=title,
@@ -374,9 +389,20 @@ def _build(
     analyzed = iter_analyze(
         loaded, paths, layers, full=full, device=device, layout=layout, relevance=options.relevance
     )
+    others = None
+    if options.compare is not None:
+        others = second_results(
+            options.compare,
+            options.weights_b,
+            paths,
+            layers,
+            full=full,
+            device=device,
+            layout=layout,
+        )
     # No enumerate() here: its reused result tuple would keep the last image's maps alive.
     for res in analyzed:
-        builder.add(res)
+        builder.add(res, other=next(others) if others is not None else None)
         del res  # the maps go; the builder keeps the quantized data
         if progress:
             progress("render", len(builder.images), len(paths))
@@ -438,7 +464,8 @@ def report_css() -> str:
 def report_script() -> str:
     """The report's script: the shared helpers (``static/common.js``), then the page's."""
     return "\n".join(
-        asset(f"static/{name}") for name in ("common.js", "report.js", "report_relevance.js")
+        asset(f"static/{name}")
+        for name in ("common.js", "report.js", "report_relevance.js", "report_compare.js")
     )
 
 
@@ -458,6 +485,8 @@ def write_report(
     layout: LayoutContext | None = None,
     progress: Progress | None = None,
     relevance: RelevanceRequest | None = None,
+    compare: str | LoadedModel | None = None,
+    weights_b: str = "DEFAULT",
 ) -> Path:
     """Build the report (arguments as :func:`build_report`) and write it atomically to
     ``out``, in pieces: the page is never held as one string.
@@ -473,7 +502,7 @@ def write_report(
         raise FeatureMapsError(
             f"--out {str(path)!r} is a folder; give a file name like report.html"
         )
-    opts = ReportOptions(max_channels, order, cmap, relevance)  # type: ignore[arg-type]
+    opts = ReportOptions(max_channels, order, cmap, relevance, compare, weights_b)  # type: ignore[arg-type]
     builder = _build(
         model,
         images,
