@@ -105,3 +105,49 @@ def test_cli_report_compare_widths_differ(tmp_path: Path, photo: Path, checkpoin
     rec = _data(out)["images"][0]["compare"]["layers"]["layer1"]
     assert rec["channels"] == [64, 256]
     assert "one width" in rec["note"] and "pca_a" not in rec
+
+
+@pytest.mark.browser
+def test_side_by_side_in_chromium(tmp_path: Path, photo: Path, checkpoint: Path) -> None:
+    import os
+    import shutil
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed")
+    executable = shutil.which(os.environ.get("FEATUREMAPS_CHROMIUM", "/usr/bin/chromium"))
+    if executable is None:
+        pytest.skip("no Chromium")
+    torch.manual_seed(0)
+    a = load_model("resnet18", "none")
+    b = load_model("resnet18", str(checkpoint))
+    path = write_report(
+        tmp_path / "c.html", a, [photo], LAYERS, max_channels=4, compare=b, device="cpu"
+    )
+    image = _data(path)["images"][0]
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=executable, args=args, timeout=60_000)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(path.as_uri())
+            page.wait_for_selector("body[data-ready='1'] .compare-panel img")
+            srcs = page.eval_on_selector_all(".compare-panel img", "is => is.map(i => i.src)")
+            rec = image["compare"]["layers"]["layer3"]
+            assert srcs == [rec["pca_a"], rec["pca_b"]]
+            page.click("#layer-nav button[data-layer='layer4']")
+            page.wait_for_selector(".compare-panel[data-layer='layer4']")
+            srcs = page.eval_on_selector_all(".compare-panel img", "is => is.map(i => i.src)")
+            rec = image["compare"]["layers"]["layer4"]
+            assert srcs == [rec["pca_a"], rec["pca_b"]]
+            js = "e => { e.scrollIntoView(); scrollBy(0, -90); }"
+            page.eval_on_selector(".compare-panel", js)
+            shots = Path(__file__).resolve().parents[1] / "test-output" / "screenshots"
+            shots.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(shots / "report-compare.png"))
+            assert errors == []
+        finally:
+            browser.close()

@@ -260,7 +260,8 @@ class ReportBuilder:
         if other is not None:
             b = opts.compare
             spec_b = b.spec if isinstance(b, LoadedModel) else str(b)
-            entry["compare"] = compare_json(res, other, spec_b, opts.weights_b)
+            weights_b = b.weights if isinstance(b, LoadedModel) else opts.weights_b
+            entry["compare"] = compare_json(res, other, spec_b, weights_b)
         self.images.append(entry)
         self._names.append(res.path.name)
         return entry
