@@ -174,3 +174,20 @@ def test_pca_joint_refuses_a_given_basis(
         capsys,
     )  # fmt: skip
     assert code == 1 and "--pca-joint" in err and "--pca-basis" in err
+
+
+def test_run_folder_gives_images_and_videos_with_distinct_keys(tmp_path: Path) -> None:
+    """A folder's videos are found beside its images; a.png and a.mp4 get keys a, a-2."""
+    from featuremaps.pipeline import run
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(folder / "a.png")
+    _clip(folder / "a.mp4", frames=3, rate=5)
+    res = run(TOY, [folder], LAYER, tmp_path / "d")
+    (image,) = res.manifest_data["images"]
+    (video,) = res.manifest_data["videos"]
+    assert (image["key"], video["key"]) == ("a", "a-2")
+    assert video["frames"] == 3
+    assert (tmp_path / "d" / video["videos"][LAYER]).is_file()
+    assert (tmp_path / "d" / image["input"]).is_file()

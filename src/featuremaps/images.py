@@ -33,8 +33,13 @@ def sample_image(name: str = "cat") -> Path:
     return Path(str(resources.files("featuremaps") / "data" / SAMPLES[name]))
 
 
-def expand_inputs(items: Iterable[str | os.PathLike[str]]) -> list[Path]:
+def expand_inputs(
+    items: Iterable[str | os.PathLike[str]], also: tuple[str, ...] = ()
+) -> list[Path]:
     """Expand files, folders (recursively) and glob patterns into image paths, in order.
+
+    A folder gives the files with an image suffix, and those with a suffix in ``also``
+    (``featuremaps run`` adds the video suffixes); a file named directly is always kept.
 
     Raises:
         ImageError: an item matches nothing, or nothing at all is found.
@@ -45,10 +50,13 @@ def expand_inputs(items: Iterable[str | os.PathLike[str]]) -> list[Path]:
         path = Path(text)
         if path.is_dir():
             hits = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                p
+                for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in (*IMAGE_SUFFIXES, *also)
             )
             if not hits:
-                raise ImageError(f"folder {text!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+                kinds = ", ".join(dict.fromkeys((*IMAGE_SUFFIXES, *also)))
+                raise ImageError(f"folder {text!r} holds no images ({kinds})")
             found.extend(hits)
         elif path.is_file():
             found.append(path)

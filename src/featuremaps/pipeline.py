@@ -48,7 +48,7 @@ from .relevance_outputs import (
 )
 from .render import overlay, pca_panel, pca_picture, render_grid
 from .summaries import LayerSummary
-from .video import VideoProgress, is_video, video_rate
+from .video import VIDEO_SUFFIXES, VideoProgress, is_video, video_rate
 
 Progress = Callable[[str, int, int], None]
 """Called after each step as ``progress(phase, done, total)``."""
@@ -286,8 +286,8 @@ def run(
 ) -> RunResult:
     """Capture and render ``layers`` of ``spec`` for each image into ``out_dir``.
 
-    Videos among the inputs (:func:`featuremaps.video.is_video`; an animated GIF too)
-    go to :func:`featuremaps.video.video_pca` after the images: ``STEM/LAYER.pca.mp4``
+    Videos among the inputs (:func:`featuremaps.video.is_video`, GIFs excepted: they stay
+    images) go to :func:`featuremaps.video.video_pca` after the images: ``STEM/LAYER.pca.mp4``
     (the input beside its PCA picture and the ``channels``, one basis over the video),
     sampled at ``fps`` (``None``: the video's own rate, at most
     :data:`DEFAULT_VIDEO_FPS`), listed under ``manifest["videos"]``. With ``pca_joint``
@@ -320,7 +320,7 @@ def run(
     opts = options or RenderOptions()  # a RenderOptions is valid once built
     if pca_recipe is not None:
         pca_recipe.validate()
-    paths = expand_inputs(images)
+    paths = expand_inputs(images, also=VIDEO_SUFFIXES)
     videos = [p for p in paths if _is_video_input(p)]
     paths = [p for p in paths if p not in videos]
     if fps is not None and not (math.isfinite(fps) and fps > 0):
@@ -417,20 +417,30 @@ def _run_locked(
 
         joint = replace(pca_recipe or PCARecipe(), n_components=opts.pca)
         bases = joint_bases(
-            loaded, paths, layers, joint, full=full, device=device, layout=layout,
+            loaded,
+            paths,
+            layers,
+            joint,
+            full=full,
+            device=device,
+            layout=layout,
             allow_nan=allow_nan,
         )
         manifest["pca_joint"] = True
-    results = iter_analyze(
-        loaded,
-        paths,
-        layers,
-        full=full,
-        device=device,
-        layout=layout,
-        allow_nan=allow_nan,
-        relevance=relevance,
-    ) if paths else _no_results()
+    results = (
+        iter_analyze(
+            loaded,
+            paths,
+            layers,
+            full=full,
+            device=device,
+            layout=layout,
+            allow_nan=allow_nan,
+            relevance=relevance,
+        )
+        if paths
+        else _no_results()
+    )
     try:
         for res in results:
             if bases is not None:
@@ -450,8 +460,19 @@ def _run_locked(
             taken = {e["key"] for e in manifest["images"] + manifest.get("videos", [])}
             given = None if pca_joint else bases  # a video fits its own basis over its frames
             entry, written = _write_video(
-                loaded, video, layers, out, fps, pca_recipe, opts, channels, full, given,
-                device, taken, progress,
+                loaded,
+                video,
+                layers,
+                out,
+                fps,
+                pca_recipe,
+                opts,
+                channels,
+                full,
+                given,
+                device,
+                taken,
+                progress,
             )
             manifest.setdefault("videos", []).append(entry)
             files.extend(written)
@@ -647,16 +668,9 @@ at most this (a 30 fps clip gives every third frame; one forward each)."""
 
 
 def _is_video_input(path: Path) -> bool:
-    """A video suffix; a GIF only when animated (a still GIF is an image)."""
-    if not is_video(path):
-        return False
-    if path.suffix.lower() != ".gif":
-        return True
-    try:
-        with Image.open(path) as img:
-            return int(getattr(img, "n_frames", 1) or 1) > 1
-    except (OSError, ValueError):
-        return True  # unreadable: the video reader names the problem
+    """A video suffix other than ``.gif``: a GIF, animated or not, stays an image in a run
+    (its first frame, with a warning), as before videos were read; ``video_pca`` takes it."""
+    return is_video(path) and path.suffix.lower() != ".gif"
 
 
 def _no_results() -> Generator[ImageResult, None, None]:
