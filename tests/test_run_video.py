@@ -89,9 +89,13 @@ def test_run_default_fps_keeps_a_slow_clip_whole(tmp_path: Path) -> None:
     from featuremaps.pipeline import DEFAULT_VIDEO_FPS, run
 
     clip = _clip(tmp_path / "slow.mp4", frames=4, rate=int(DEFAULT_VIDEO_FPS // 2))
-    res = run(TOY, [clip], LAYER, tmp_path / "d")
+    calls: list[tuple[str, int, int]] = []
+    res = run(TOY, [clip], LAYER, tmp_path / "d", progress=lambda *a: calls.append(a))
     (video,) = res.manifest_data["videos"]
     assert video["frames"] == 4 and video["fps"] == DEFAULT_VIDEO_FPS // 2
+    # progress counts frames (the CLI's bar shows them per second), per phase, to the end
+    assert [c for c in calls if c[0] == "slow forward"][-1] == ("slow forward", 4, 4)
+    assert [c for c in calls if c[0] == "slow write"][-1] == ("slow write", 4, 4)
     assert len(_frames(tmp_path / "d" / video["videos"][LAYER])) == 4
     assert all(p.exists() for p in res.files)
 
