@@ -41,8 +41,7 @@ ImagesArg = Annotated[list[str], typer.Argument(help="Image files, folders or gl
 RunInputsArg = Annotated[
     list[str],
     typer.Argument(
-        help="Image files, folders or globs; videos (MP4, WebM, MOV, MKV, AVI) give PCA "
-        "videos."
+        help="Image files, folders or globs; videos (MP4, WebM, MOV, MKV, AVI) give PCA videos."
     ),
 ]
 ORDER_HELP_SUFFIX = "; relevance (most relevant to --target first)"
