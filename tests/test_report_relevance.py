@@ -180,3 +180,16 @@ def test_cli_report_target(tmp_path: Path, photo: Path) -> None:
     classes = _data(out)["images"][0]["relevance"]["classes"]
     assert classes[0]["target"]["index"] == 5
     assert len(classes[0]["layers"]["layer4"]["relevance"]) == 512
+
+
+def test_report_class_target_needs_a_classifier(
+    tmp_path: Path, toy: torch.nn.Module, photo: Path
+) -> None:
+    from featuremaps.models import Preprocess
+    from featuremaps.relevance import TargetError
+
+    loaded = LoadedModel(toy, Preprocess(), "toy", "random")
+    req = RelevanceRequest(target=3, order=True, top_classes=5)
+    with pytest.raises(TargetError, match="needs an ImageNet classifier"):
+        write_report(tmp_path / "t.html", loaded, [photo], "features.0", relevance=req)
+    assert not (tmp_path / "t.html").exists()
