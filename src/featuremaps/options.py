@@ -108,6 +108,8 @@ class Score(StrEnum):
 
     MAX = "max"
     MEAN = "mean"
+    RELEVANCE = "relevance"
+    """Relevance to each image's own top-1 class (the activation ranking by max is kept)."""
 
 
 class Engine(StrEnum):

@@ -6,16 +6,24 @@ and commutatively (:meth:`LayerPartial.merge`): top-K lists under a total order 
 descending, then image id, i.e. path, ascending), float64 sums, dead counts and the
 channel covariance of a streaming PCA. Maps larger than ``PCA_PIXELS`` pixels feed the
 covariance through a regular grid of their pixels.
+
+With the ``relevance`` score, one :func:`featuremaps.relevance.relevance` call (one
+forward, one backward) replaces the capture: its activations give the activation ranking
+(by spatial max) exactly as a capture would, and its per-channel relevance to each
+image's own top-1 class gives a second top-K list, kept beside the first
+(:class:`RelevanceTop`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +31,7 @@ import torch
 from ..capture import capture
 from ..models import LoadedModel
 from ..reduce import PCAAccumulator
+from ..relevance import TargetError, relevance
 from .data import LoadedBatch
 
 
@@ -52,6 +61,62 @@ class AtlasSpec:
     score: str
     top: int
 
+    @property
+    def activation_score(self) -> str:
+        """What ranks the activation top-K: ``max`` or ``mean`` (``max`` for relevance)."""
+        return "max" if self.score == "relevance" else self.score
+
+    @property
+    def relevance(self) -> bool:
+        """Whether a relevance top-K is kept beside the activation top-K."""
+        return self.score == "relevance"
+
+
+@dataclass
+class RelevanceTop:
+    """A layer's top-K images by channel relevance to each image's own top-1 class.
+
+    Attributes:
+        scores: ``(C, K)`` float32 relevance (gradient x activation summed over the map),
+            best first; empty slots hold ``-inf``.
+        ids: ``(C, K)`` image ids; empty slots hold the largest int64.
+        ys, xs: ``(C, K)`` location of the largest gradient x activation in the map.
+        classes: ``(C, K)`` the image's top-1 class (the target), ``-1`` when empty.
+        probs: ``(C, K)`` float32 softmax probability of that class.
+        total: ``(C,)`` float64 sum of the relevance over the images.
+    """
+
+    scores: np.ndarray
+    ids: np.ndarray
+    ys: np.ndarray
+    xs: np.ndarray
+    classes: np.ndarray
+    probs: np.ndarray
+    total: np.ndarray
+
+    @classmethod
+    def empty(cls, channels: int, top: int) -> RelevanceTop:
+        return cls(
+            np.full((channels, top), -np.inf, dtype=np.float32),
+            np.full((channels, top), NO_IMAGE, dtype=np.int64),
+            np.zeros((channels, top), dtype=np.int64),
+            np.zeros((channels, top), dtype=np.int64),
+            np.full((channels, top), -1, dtype=np.int64),
+            np.zeros((channels, top), dtype=np.float32),
+            np.zeros(channels, dtype=np.float64),
+        )
+
+    def merge(self, other: RelevanceTop) -> None:
+        k = self.scores.shape[1]
+        both = [
+            np.concatenate([getattr(self, f), getattr(other, f)], 1) for f in _RELEVANCE_TOP_FIELDS
+        ]
+        self.scores, self.ids, self.ys, self.xs, self.classes, self.probs = _top_k(k, *both)
+        self.total = self.total + other.total
+
+
+_RELEVANCE_TOP_FIELDS = ("scores", "ids", "ys", "xs", "classes", "probs")
+
 
 @dataclass
 class LayerPartial:
@@ -64,6 +129,7 @@ class LayerPartial:
         total: ``(C,)`` float64 sum of the activations.
         dead: ``(C,)`` number of images where the channel is all zero.
         pca: the channel covariance accumulator.
+        relevance: the relevance top-K (score ``relevance`` only), else ``None``.
     """
 
     scores: np.ndarray
@@ -73,9 +139,10 @@ class LayerPartial:
     total: np.ndarray
     dead: np.ndarray
     pca: PCAAccumulator
+    relevance: RelevanceTop | None = None
 
     @classmethod
-    def empty(cls, channels: int, top: int) -> LayerPartial:
+    def empty(cls, channels: int, top: int, relevance: bool = False) -> LayerPartial:
         return cls(
             np.full((channels, top), -np.inf, dtype=np.float32),
             np.full((channels, top), NO_IMAGE, dtype=np.int64),
@@ -84,6 +151,7 @@ class LayerPartial:
             np.zeros(channels, dtype=np.float64),
             np.zeros(channels, dtype=np.int64),
             PCAAccumulator(channels),
+            RelevanceTop.empty(channels, top) if relevance else None,
         )
 
     def merge(self, other: LayerPartial) -> None:
@@ -99,6 +167,10 @@ class LayerPartial:
         self.total = self.total + other.total
         self.dead = self.dead + other.dead
         self.pca.merge(other.pca)
+        if (self.relevance is None) != (other.relevance is None):
+            raise ValueError("cannot merge a partial with relevance and one without")
+        if self.relevance is not None and other.relevance is not None:
+            self.relevance.merge(other.relevance)
 
 
 def _top_k(k: int, scores: np.ndarray, ids: np.ndarray, *rest: np.ndarray) -> list[np.ndarray]:
@@ -143,6 +215,9 @@ def partials_to_arrays(layers: Sequence[LayerPartial]) -> dict[str, np.ndarray]:
         arrays[f"{i}.pca_n"] = np.array(part.pca.n, dtype=np.int64)
         arrays[f"{i}.pca_sum"] = part.pca.sum.numpy()
         arrays[f"{i}.pca_cosum"] = part.pca.cosum.numpy()
+        if part.relevance is not None:
+            for name in (*_RELEVANCE_TOP_FIELDS, "total"):
+                arrays[f"{i}.rel_{name}"] = getattr(part.relevance, name)
     return arrays
 
 
@@ -155,7 +230,12 @@ def partials_from(arrays: dict[str, np.ndarray]) -> list[LayerPartial]:
         pca.sum = torch.from_numpy(arrays[f"{i}.pca_sum"].copy())
         pca.cosum = torch.from_numpy(arrays[f"{i}.pca_cosum"].copy())
         fields = {name: arrays[f"{i}.{name}"] for name in _FIELDS}
-        out.append(LayerPartial(**fields, pca=pca))
+        rel = None
+        if f"{i}.rel_scores" in arrays:
+            rel = RelevanceTop(
+                **{n: arrays[f"{i}.rel_{n}"] for n in (*_RELEVANCE_TOP_FIELDS, "total")}
+            )
+        out.append(LayerPartial(**fields, pca=pca, relevance=rel))
         i += 1
     return out
 
@@ -184,34 +264,88 @@ def process_batch(
     """
     bad = list(batch.bad)
     if len(batch.ids) == 0:
-        empty = [LayerPartial.empty(c, spec.top) for c in spec.channels]
+        empty = [LayerPartial.empty(c, spec.top, spec.relevance) for c in spec.channels]
         return BatchResult(batch.index, 0, bad, empty)
     x = batch.x.to(device, non_blocking=True)
-    if precision == "fp32":
-        fm = capture(module, x, list(spec.names))
-    else:
-        with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[Precision(precision)]):
+    autocast: Any = contextlib.nullcontext()
+    if precision != "fp32":
+        autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES[Precision(precision)])
+    rel = None
+    with autocast:
+        if spec.relevance:  # one forward and one backward: the maps and their relevance
+            rel = relevance(module, x, list(spec.names), target=None)
+            maps = {name: rel[name].activation for name in spec.names}
+        else:
             fm = capture(module, x, list(spec.names))
+            maps = {name: fm[name] for name in spec.names}
     flats, sums = [], []
     for name in spec.names:
-        t = fm[name]
+        t = maps[name]
         if t.dtype in (torch.float16, torch.bfloat16):
             t = t.float()
         flat = np.ascontiguousarray(t.numpy()).reshape(t.shape[0], t.shape[1], -1)
         flats.append(flat)
         sums.append(flat.sum(2, dtype=np.float64))  # finite iff every value is
     keep = np.logical_and.reduce([np.isfinite(s).all(1) for s in sums])
+    reason = {int(i): "its activations hold NaN/Inf values" for i in batch.ids[~keep]}
+    if rel is not None:
+        finite = np.logical_and.reduce(
+            [torch.isfinite(rel[n].channels).all(1).numpy() for n in spec.names]
+        )
+        for i in batch.ids[keep & ~finite]:
+            reason[int(i)] = "its relevance holds NaN/Inf values"
+        keep &= finite
     ids = batch.ids[keep]
-    for i in batch.ids[~keep]:
-        bad.append((int(i), "its activations hold NaN/Inf values"))
-    if len(ids) < len(batch.ids):
+    bad.extend(reason.items())
+    if len(ids) < len(batch.ids):  # no copy of the maps when every image is kept
         flats = [f[keep] for f in flats]
         sums = [s[keep] for s in sums]
-    layers = [
-        _layer_partial(f, s, ids, (fm[name].shape[-2], fm[name].shape[-1]), spec.top, spec.score)
-        for name, f, s in zip(spec.names, flats, sums, strict=True)
-    ]
+    layers = []
+    for name, f, s in zip(spec.names, flats, sums, strict=True):
+        size = (maps[name].shape[-2], maps[name].shape[-1])
+        # first: the activation partial overwrites the maps (which rel shares)
+        rtop = None if rel is None else _relevance_top(rel[name], rel.targets, keep, ids, spec.top)
+        part = _layer_partial(f, s, ids, size, spec.top, spec.activation_score)
+        part.relevance = rtop
+        layers.append(part)
     return BatchResult(batch.index, len(ids), sorted(bad), layers)
+
+
+def _relevance_top(
+    layer: Any, targets: Sequence[Any], keep: np.ndarray, ids: np.ndarray, top: int
+) -> RelevanceTop:
+    """The relevance top-K of one layer over the kept images of a batch.
+
+    The location of an entry is the cell where gradient x activation is largest: the
+    part of the map that contributes most to the channel's relevance.
+    """
+    rel = layer.channels.numpy()[keep].astype(np.float32)  # (B, C)
+    b, c = rel.shape
+    if b == 0:
+        return RelevanceTop.empty(c, top)
+    gxa = layer.grad_x_act.numpy()[keep]
+    width = gxa.shape[-1]
+    where = gxa.reshape(b, c, -1).argmax(2)  # the first maximum
+    kept = [t for t, k in zip(targets, keep, strict=True) if k]
+    classes = np.array([t.index for t in kept], dtype=np.int64)
+    probs = np.array([t.prob for t in kept], dtype=np.float32)
+
+    def padded(a: np.ndarray, fill: float) -> np.ndarray:  # for batches of fewer than K
+        return np.concatenate([a, np.full((c, top), fill, dtype=a.dtype)], 1)
+
+    def per_channel(a: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(a[None, :], (c, b))
+
+    scores, top_ids, ys, xs, cls, pr = _top_k(
+        top,
+        padded(rel.T, -np.inf),
+        padded(per_channel(ids), NO_IMAGE),
+        padded((where // width).T, 0),
+        padded((where % width).T, 0),
+        padded(per_channel(classes), -1),
+        padded(per_channel(probs), 0),
+    )
+    return RelevanceTop(scores, top_ids, ys, xs, cls, pr, rel.sum(0, dtype=np.float64))
 
 
 def _layer_partial(
@@ -335,11 +469,23 @@ def probe(
     """
     side = int(loaded.preprocess.crop or 0)
     device = next(iter(loaded.module.parameters()), torch.empty(0)).device
-    fm = capture(loaded.module, torch.zeros(1, 3, side, side, device=device), layers)
-    names = tuple(fm)
+    blank = torch.zeros(1, 3, side, side, device=device)
+    if score == "relevance":
+        try:
+            infos = {n: r.info for n, r in relevance(loaded.module, blank, layers).items()}
+        except TargetError as exc:
+            raise TargetError(
+                f"--score relevance ranks images by the relevance of each channel to the "
+                f"image's own top-1 class, so it needs a classifier returning (B, classes) "
+                f"logits, and {loaded.spec} does not. Use --score max or --score mean."
+            ) from exc
+    else:
+        fm = capture(loaded.module, blank, layers)
+        infos = {n: fm.info[n] for n in fm}
+    names = tuple(infos)
     metas = []
     for name in names:
-        info = fm.info[name]
+        info = infos[name]
         assert info.shape is not None and info.stride is not None  # capture checked it
         c, h, w = info.shape[1:]
         metas.append(LayerMeta((c, h, w), (float(info.stride[0]), float(info.stride[1]))))

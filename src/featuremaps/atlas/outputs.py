@@ -84,8 +84,14 @@ def atlas_document(
     spec: AtlasSpec,
     metas: Sequence[LayerMeta],
 ) -> dict[str, Any]:
-    """The content of ``atlas.json``: a function of the dataset and the options only."""
+    """The content of ``atlas.json``: a function of the dataset and the options only.
+
+    Each channel's ``top`` is the activation ranking (spatial max or mean); with the
+    ``relevance`` score, ``top_relevance`` beside it ranks the images by the channel's
+    relevance to each image's own top-1 class, and ``mean_relevance`` averages it.
+    """
     paths = plan.paths
+    labels = loaded.categories
     layers_json: dict[str, Any] = {}
     for name, slug, part, meta in zip(
         spec.names, layer_slugs(spec.names), state.layers, metas, strict=True
@@ -107,26 +113,39 @@ def atlas_document(
                         "crop": f"crops/{slug}/c{c:04d}_{rank}.jpg",
                     }
                 )
-            channels.append(
-                {
-                    "channel": c,
-                    "mean": _f32(part.total[c] / pixels) if pixels else None,
-                    "dead": int(part.dead[c]),
-                    "dead_share": float(part.dead[c] / state.n_images) if state.n_images else None,
-                    "top": entries,
-                }
-            )
+            channel: dict[str, Any] = {
+                "channel": c,
+                "mean": _f32(part.total[c] / pixels) if pixels else None,
+                "dead": int(part.dead[c]),
+                "dead_share": float(part.dead[c] / state.n_images) if state.n_images else None,
+                "top": entries,
+            }
+            if part.relevance is not None:
+                rel = part.relevance
+                channel["mean_relevance"] = (
+                    _f32(rel.total[c] / state.n_images) if state.n_images else None
+                )
+                channel["top_relevance"] = _relevance_entries(rel, c, paths, slug, labels)
+            channels.append(channel)
         layers_json[name] = {
             "shape": list(meta.shape),
             "stride": list(meta.stride),
             "page": f"{slug}.html",
             "channels": channels,
         }
+    rankings = {"top": f"activation, spatial {spec.activation_score} of the channel"}
+    if spec.relevance:
+        rankings["top_relevance"] = (
+            "relevance of the channel to the image's own top-1 class: gradient of that "
+            "class's logit x activation, summed over the map; y, x: where that product is "
+            "largest"
+        )
     return {
         "model": loaded.spec,
         "weights": loaded.weights,
         "preprocess": loaded.preprocess.to_dict(),
         "score": spec.score,
+        "rankings": rankings,
         "top": spec.top,
         "batch_size": plan.batch_size,
         "crop_rule": f"{CROP_FACTOR:g} x stride (at least {MIN_CROP} pixels) around the "
@@ -136,6 +155,32 @@ def atlas_document(
         "pca_basis": "pca_basis.npz" if state.n_images else None,
         "layers": layers_json,
     }
+
+
+def _relevance_entries(
+    rel: Any, c: int, paths: Sequence[str], slug: str, labels: Sequence[str] | None
+) -> list[dict[str, Any]]:
+    entries = []
+    for rank in range(rel.scores.shape[1]):
+        i = int(rel.ids[c, rank])
+        if i == NO_IMAGE:
+            break
+        k = int(rel.classes[c, rank])
+        entries.append(
+            {
+                "image": paths[i],
+                "relevance": _f32(rel.scores[c, rank]),
+                "class": {
+                    "index": k,
+                    "label": labels[k] if labels is not None and 0 <= k < len(labels) else None,
+                    "prob": _f32(rel.probs[c, rank]),
+                },
+                "y": int(rel.ys[c, rank]),
+                "x": int(rel.xs[c, rank]),
+                "crop": f"crops/{slug}/c{c:04d}_r{rank}.jpg",
+            }
+        )
+    return entries
 
 
 def write_outputs(
@@ -253,7 +298,7 @@ def write_crops(
     wanted: dict[str, list[_Crop]] = {}
     for li, name in enumerate(spec.names):
         for ch in doc["layers"][name]["channels"]:
-            for entry in ch["top"]:
+            for entry in [*ch["top"], *ch.get("top_relevance", [])]:
                 crop = _Crop(li, Path(entry["crop"]).name, entry["y"], entry["x"], metas[li].stride)
                 wanted.setdefault(entry["image"], []).append(crop)
     images = sorted(wanted)
@@ -344,7 +389,7 @@ def write_pages(out: Path, doc: dict[str, Any], report_url: str | None) -> list[
                 **common,
                 "name": esc(name),
                 "top": str(doc["top"]),
-                "score": esc(doc["score"]),
+                "score": esc(_ranking_note(doc)),
                 "crop_rule": esc(doc["crop_rule"]),
                 "cols": str(math.ceil(math.sqrt(doc["top"]))),
                 "channels": "".join(cells),
@@ -363,29 +408,69 @@ def write_pages(out: Path, doc: dict[str, Any], report_url: str | None) -> list[
     return [index_path, *pages]
 
 
+def _ranking_note(doc: dict[str, Any]) -> str:
+    """How the crops of a layer page are ranked, and what else the page shows."""
+    activation = doc["rankings"]["top"].split(", ", 1)[-1]
+    note = activation
+    if "top_relevance" in doc["rankings"]:
+        note += " (first row) and by relevance to each image's own top-1 class (second row)"
+    if doc.get("visualize"):
+        v = doc["visualize"]
+        note += (
+            f"; left: what maximizes the channel's mean (feature visualization, "
+            f"{v['steps']} steps, {v['size']} px, seed {v['seed']})"
+        )
+    return note
+
+
+def _crops(entries: list[dict[str, Any]], crop_t: str, what: Any) -> str:
+    esc = html.escape
+    return "".join(
+        fill_template(
+            crop_t,
+            {
+                "src": esc(quote(e["crop"])),
+                "image": esc(e["image"]),
+                "what": esc(what(e)),
+                "y": str(e["y"]),
+                "x": str(e["x"]),
+            },
+        )
+        for e in entries
+    )
+
+
+def _relevance_title(e: dict[str, Any]) -> str:
+    cls = e["class"]
+    name = cls["label"] if cls["label"] is not None else f"class {cls['index']}"
+    return f"relevance {e['relevance']:.4g} to {name} (p {cls['prob']:.2f})"
+
+
 def _channel_cell(
     ch: dict[str, Any], layer: str, report_url: str | None, channel_t: str, crop_t: str
 ) -> str:
     esc = html.escape
     c = ch["channel"]
     link = report_url.format(layer=quote(layer), channel=c) if report_url else f"#c{c}"
-    crops = "".join(
-        fill_template(
-            crop_t,
-            {
-                "src": esc(quote(e["crop"])),
-                "image": esc(e["image"]),
-                "score": f"{e['score']:.4g}",
-                "y": str(e["y"]),
-                "x": str(e["x"]),
-            },
+    crops = _crops(ch["top"], crop_t, lambda e: f"score {e['score']:.4g}")
+    more = ""
+    if "top_relevance" in ch:
+        rel = _crops(ch["top_relevance"], crop_t, _relevance_title)
+        more = f'<div class="crops rel" title="by relevance">{rel}</div>'
+    vis = ""
+    if ch.get("visualization"):
+        v = ch["visualization"]
+        alt = esc(f"feature visualization of {layer} channel {c}, objective {v['value']:.4g}")
+        vis = (
+            f'<figure class="vis"><img src="{esc(quote(v["file"]))}" loading="lazy" '
+            f'alt="{alt}" title="{alt}"></figure>'
         )
-        for e in ch["top"]
-    )
     if ch["mean"] is None:
         stats = "no image"
     else:
         stats = f"mean {ch['mean']:.3g} · dead {ch['dead_share']:.0%}"
+        if ch.get("mean_relevance") is not None:
+            stats += f" · relevance {ch['mean_relevance']:.3g}"
     return fill_template(
         channel_t,
         {
@@ -394,5 +479,7 @@ def _channel_cell(
             "link": esc(link),
             "stats": esc(stats),
             "crops": crops,
+            "more": more,
+            "vis": vis,
         },
     )

@@ -1,7 +1,8 @@
 """The running state of an atlas and its checkpoint, ``OUT/atlas_state.npz``.
 
 The state is everything folded so far: per-layer partials (top-K arrays, sums, dead
-counts, PCA accumulators), which batches are done, and the skipped files. It is written
+counts, PCA accumulators, and with ``--score relevance`` the relevance top-K), which
+batches are done, and the skipped files. It is written
 atomically (numpy arrays and one JSON string, no pickle). A run that finds a checkpoint
 of the same configuration resumes from it and skips the batches it holds; one of another
 configuration, or one that cannot be read, is refused with a message that names
@@ -43,7 +44,7 @@ class AtlasState:
 
     @classmethod
     def empty(cls, config: dict[str, Any], spec: AtlasSpec) -> AtlasState:
-        return cls(config, [LayerPartial.empty(c, spec.top) for c in spec.channels])
+        return cls(config, [LayerPartial.empty(c, spec.top, spec.relevance) for c in spec.channels])
 
     def fold(self, result: BatchResult) -> None:
         """Add one batch's result (batches must be folded in batch order)."""
@@ -126,7 +127,8 @@ def open_state(path: Path, config: dict[str, Any], spec: AtlasSpec, restart: boo
             "--out, or pass --restart to start over."
         )
     shapes = [p.scores.shape for p in state.layers]
-    if shapes != [(c, spec.top) for c in spec.channels]:
+    with_relevance = {p.relevance is not None for p in state.layers}
+    if shapes != [(c, spec.top) for c in spec.channels] or with_relevance - {spec.relevance}:
         raise CheckpointError(
             f"the atlas checkpoint {path} does not fit the layers (top-K arrays of shapes "
             f"{shapes}). Pass --restart to start over (or delete it)."

@@ -36,7 +36,13 @@ def atlas(
         Path, typer.Option("--out", "-o", help="Output folder (also holds the checkpoint).")
     ] = Path("featuremaps-atlas"),
     weights: WeightsOpt = "DEFAULT",
-    score: Annotated[Score, typer.Option(help="max (spatial max) or mean.")] = Score.MAX,
+    score: Annotated[
+        Score,
+        typer.Option(
+            help="max (spatial max) or mean; relevance (classifiers) also ranks by each "
+            "channel's relevance to each image's own top-1 class, beside the max ranking."
+        ),
+    ] = Score.MAX,
     batch_size: Annotated[int, typer.Option(help="Images per forward.")] = 32,
     workers: Annotated[int, typer.Option(help="Decoding processes (ray: model actors).")] = 2,
     engine: Annotated[
