@@ -110,6 +110,7 @@ def test_objects_display_themselves() -> None:
     table = maps_html(maps)
     assert table.count("<tr>") == 3 and "data:image/png;base64," in table
     assert "1×6×7×7" in table
+    assert maps._repr_html_() == table  # FeatureMaps shows itself as this table
     assert cell_html(
         {
             "title": "t",

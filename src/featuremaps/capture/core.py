@@ -86,6 +86,11 @@ class FeatureMaps(Mapping[str, torch.Tensor]):
         rows = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self.maps.items())
         return f"FeatureMaps({rows})"
 
+    def _repr_html_(self) -> str:
+        from ..notebook import maps_html  # a table of layers, a PCA thumbnail each
+
+        return maps_html(self)
+
 
 class _StopForward(Exception):
     """Raised from a hook once every requested output has been returned."""
