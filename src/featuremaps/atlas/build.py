@@ -33,11 +33,12 @@ from ..errors import FeatureMapsError, ImageError, Interrupted
 from ..models import LoadedModel, load_model
 from ..options import Device, OptionError, Score, check_range, parse_choice
 from ..options import Engine as EngineName
-from .batch import Precision, probe
+from .batch import AtlasSpec, Precision, probe
 from .data import DataSpec, Plan, dataset_paths, fixed_size
 from .engines import Engine, EngineOptions, create_engine
 from .outputs import atlas_document, write_outputs
 from .state import STATE_FILE, open_state
+from .visuals import Pictures, VisualizeSpec, check_visualize, collect, plan_jobs
 
 Progress = Callable[[str, int, int], None]
 """Called as ``progress(phase, done, total)``; phase ``images`` counts images."""
@@ -62,6 +63,8 @@ class AtlasResult:
         resumed: images already done by an earlier, interrupted run.
         seconds: wall time of this run's inference loop.
         images_per_second: images this run processed per second of that loop.
+        visualize_workers: distinct processes that made the feature visualizations
+            (0 without ``visualize``).
     """
 
     out_dir: Path
@@ -74,6 +77,7 @@ class AtlasResult:
     resumed: int
     seconds: float
     images_per_second: float
+    visualize_workers: int = 0
 
 
 def build_atlas(
@@ -96,6 +100,10 @@ def build_atlas(
     restart: bool = False,
     n_components: int = 3,
     report_url: str | None = None,
+    visualize: bool = False,
+    visualize_steps: int = 128,
+    visualize_size: int = 96,
+    visualize_batch: int = 16,
     progress: Progress | None = None,
 ) -> AtlasResult:
     """Build the channel atlas of ``layers`` over a dataset, resuming a checkpoint if any.
@@ -108,7 +116,9 @@ def build_atlas(
             the checkpoint go.
         weights: weights of a model given as a spec.
         top: images kept per channel.
-        score: ``max`` (spatial max of the channel) or ``mean``.
+        score: ``max`` (spatial max of the channel) or ``mean``; ``relevance`` (for
+            classifiers) keeps the ``max`` ranking and, beside it, each channel's top-K by
+            its relevance to each image's own top-1 class (``top_relevance``).
         batch_size: images per forward; also fixes the batches (see the module notes).
         workers: decoding processes (local) or model actors (ray).
         engine: ``local`` or ``ray`` (see :mod:`featuremaps.atlas.engines`).
@@ -122,7 +132,14 @@ def build_atlas(
         n_components: PCA components of the dataset basis.
         report_url: link of each channel on the pages, a template with ``{layer}`` and
             ``{channel}`` (default: the channel's anchor on its page).
-        progress: called as ``progress(phase, done, total)``.
+        visualize: add one feature visualization per channel (what maximizes its mean,
+            see :func:`featuremaps.visualize`) to the pages, after the pass over the data;
+            the Ray engine spreads the channels over its actors.
+        visualize_steps: optimization steps per visualization.
+        visualize_size: side of each visualization, in pixels.
+        visualize_batch: channels optimized together.
+        progress: called as ``progress(phase, done, total)`` (phases ``images``,
+            ``visualize``, ``crops``).
 
     Returns:
         An :class:`AtlasResult`.
@@ -143,6 +160,10 @@ def build_atlas(
     )
     if gpus_per_worker is not None and not 0 <= gpus_per_worker <= 64:
         raise OptionError(f"--gpus-per-worker {gpus_per_worker:g}: use 0 to 64 (fractions share)")
+    vspec = None
+    if visualize:
+        vspec = VisualizeSpec(visualize_steps, visualize_size, 0, visualize_batch)
+        vspec.validate()
     options = EngineOptions(workers, device, precision, gpus_per_worker, ray_address)
     runner = create_engine(engine, options)  # a missing device or Ray fails here
     paths = dataset_paths(data)
@@ -165,6 +186,7 @@ def build_atlas(
                 restart=restart,
                 n_components=n_components,
                 report_url=report_url,
+                vspec=vspec,
                 progress=progress,
             )
         except OSError as exc:
@@ -187,12 +209,15 @@ def _build(
     restart: bool,
     n_components: int,
     report_url: str | None,
+    vspec: VisualizeSpec | None,
     progress: Progress | None,
 ) -> AtlasResult:
     """The run itself, under the output lock."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model, weights)
     loaded = replace(loaded, preprocess=fixed_size(loaded.preprocess))
     spec, metas = probe(loaded, layers, score, top)
+    if vspec is not None:
+        check_visualize(loaded, spec, vspec)  # before the pass over the data
     plan = Plan(tuple(paths), batch_size)
     config = {
         "model": loaded.spec,
@@ -239,9 +264,19 @@ def _build(
             f"none of the {len(paths)} images of the dataset could be used (for example: "
             f"{'; '.join(reasons)}); check the paths and files, then run again"
         )
-    doc = atlas_document(state, plan, loaded, spec, metas)
+    pictures, vis_workers = None, 0
+    if vspec is not None:
+        try:
+            pictures, vis_workers = _visualize(runner, loaded, spec, vspec, progress)
+        except KeyboardInterrupt:
+            where = (
+                f"the checkpoint {state_path} (the visualizations were not finished; run "
+                "the same command to make them)"
+            )
+            raise Interrupted(seen, len(paths), where) from None
+    doc = atlas_document(state, plan, loaded, spec, metas, pictures, vspec)
     atlas_json, basis, pages = write_outputs(
-        out, doc, state, loaded, spec, metas, n_components, report_url, workers, progress
+        out, doc, state, loaded, spec, metas, n_components, report_url, workers, progress, pictures
     )
     done_now = seen - resumed
     return AtlasResult(
@@ -255,7 +290,34 @@ def _build(
         resumed=resumed,
         seconds=seconds,
         images_per_second=done_now / seconds if seconds > 0 else 0.0,
+        visualize_workers=vis_workers,
     )
+
+
+def _visualize(
+    runner: Engine,
+    loaded: LoadedModel,
+    spec: AtlasSpec,
+    vspec: VisualizeSpec,
+    progress: Progress | None,
+) -> tuple[Pictures, int]:
+    """Every channel's visualization, made by the engine; the pictures and how many
+    processes made them."""
+    jobs = plan_jobs(spec, vspec)
+    pictures: Pictures = [{} for _ in spec.names]
+    total, done, workers = sum(spec.channels), 0, set()
+    if progress:
+        progress("visualize", 0, total)
+    results = runner.visualize(loaded, jobs, vspec)
+    try:
+        for result in results:
+            done += collect(pictures, result, jobs)
+            workers.add(result.worker)
+            if progress:
+                progress("visualize", done, total)
+    finally:
+        results.close()
+    return pictures, len(workers)
 
 
 def _check_options(

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .._files import describe_os_error, write_bytes, write_json
+from .._files import describe_os_error, save_image, write_bytes, write_json
 from ..errors import FeatureMapsError
 from ..images import display_image
 from ..models import LoadedModel, Preprocess
@@ -33,6 +33,7 @@ from ..report.html import asset, fill_template
 from .batch import NO_IMAGE, AtlasSpec, LayerMeta
 from .data import Plan, load_images, release_inherited_lock
 from .state import AtlasState
+from .visuals import Pictures, VisualizeSpec
 
 CROP_FACTOR = 2.0
 MIN_CROP = 16
@@ -83,18 +84,21 @@ def atlas_document(
     loaded: LoadedModel,
     spec: AtlasSpec,
     metas: Sequence[LayerMeta],
+    pictures: Pictures | None = None,
+    vspec: VisualizeSpec | None = None,
 ) -> dict[str, Any]:
     """The content of ``atlas.json``: a function of the dataset and the options only.
 
     Each channel's ``top`` is the activation ranking (spatial max or mean); with the
     ``relevance`` score, ``top_relevance`` beside it ranks the images by the channel's
-    relevance to each image's own top-1 class, and ``mean_relevance`` averages it.
+    relevance to each image's own top-1 class, and ``mean_relevance`` averages it. With
+    visualizations, ``visualization`` names the channel's picture and its final value.
     """
     paths = plan.paths
     labels = loaded.categories
     layers_json: dict[str, Any] = {}
-    for name, slug, part, meta in zip(
-        spec.names, layer_slugs(spec.names), state.layers, metas, strict=True
+    for li, (name, slug, part, meta) in enumerate(
+        zip(spec.names, layer_slugs(spec.names), state.layers, metas, strict=True)
     ):
         pixels = state.n_images * meta.shape[1] * meta.shape[2]
         channels = []
@@ -126,6 +130,13 @@ def atlas_document(
                     _f32(rel.total[c] / state.n_images) if state.n_images else None
                 )
                 channel["top_relevance"] = _relevance_entries(rel, c, paths, slug, labels)
+            if pictures is not None:
+                value = pictures[li][c][1]
+                channel["visualization"] = {
+                    "file": f"crops/{slug}/{vis_name(c)}",
+                    "objective": f"channel:{name}:{c}",
+                    "value": value if math.isfinite(value) else None,
+                }
             channels.append(channel)
         layers_json[name] = {
             "shape": list(meta.shape),
@@ -153,8 +164,19 @@ def atlas_document(
         "images": {"total": len(paths), "used": state.n_images, "skipped": len(state.skipped)},
         "skipped": [{"image": paths[i], "error": m} for i, m in sorted(state.skipped)],
         "pca_basis": "pca_basis.npz" if state.n_images else None,
+        "visualize": None
+        if vspec is None
+        else {
+            **vspec.to_dict(),
+            "objective": "channel:LAYER:C, the mean of the channel (featuremaps.visualize)",
+        },
         "layers": layers_json,
     }
+
+
+def vis_name(channel: int) -> str:
+    """The file name of a channel's visualization in its layer's crop folder."""
+    return f"c{channel:04d}_vis.png"
 
 
 def _relevance_entries(
@@ -194,6 +216,7 @@ def write_outputs(
     report_url: str | None,
     workers: int,
     progress: Any = None,
+    pictures: Pictures | None = None,
 ) -> tuple[Path, Path | None, list[Path]]:
     """Write the basis, the crops, the pages and, last, ``atlas.json``.
 
@@ -206,7 +229,7 @@ def write_outputs(
         fitted = [p.pca.fit(n_components) for p in state.layers]
         save_bases(dict(zip(spec.names, fitted, strict=True)), basis_path)
     slugs = layer_slugs(spec.names)
-    old = write_crops(out, doc, loaded.preprocess, metas, spec, slugs, workers, progress)
+    old = write_crops(out, doc, loaded.preprocess, metas, spec, slugs, workers, progress, pictures)
     cleaner = threading.Thread(target=_remove_all, args=(old,), daemon=True)
     cleaner.start()
     try:
@@ -279,8 +302,11 @@ def write_crops(
     slugs: Sequence[str],
     workers: int,
     progress: Any = None,
+    pictures: Pictures | None = None,
 ) -> list[Path]:
     """Decode each image that made a top list once and cut all its crops.
+
+    The visualizations (``pictures``) go to the same fresh folders, as PNG.
 
     ``workers`` DataLoader processes decode, cut and encode (none: this process). Each
     layer's crops go to a fresh folder of a unique name that then replaces
@@ -324,6 +350,15 @@ def write_crops(
                 raise FeatureMapsError(f"cannot write a crop: {error}")
             if progress:
                 progress("crops", n, len(images))
+        for folder, layer_pictures in zip(fresh, pictures or [], strict=False):
+            for c, (picture, _) in layer_pictures.items():
+                target = folder / vis_name(c)
+                try:
+                    save_image(Image.fromarray(picture), target)
+                except OSError as exc:
+                    raise FeatureMapsError(
+                        f"cannot write a visualization: {describe_os_error(exc, target)}"
+                    ) from exc
         for folder, slug in zip(fresh, slugs, strict=True):
             old.extend(_swap_in(folder, crops / slug))
     finally:

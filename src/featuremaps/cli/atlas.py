@@ -66,6 +66,18 @@ def atlas(
     report_url: Annotated[
         str | None, typer.Option(help="Channel link template with {layer} and {channel}.")
     ] = None,
+    visualize: Annotated[
+        bool,
+        typer.Option(
+            help="Also one feature visualization per channel (what maximizes its mean) on "
+            "the layer pages, after the pass over the data (ray: spread over the actors)."
+        ),
+    ] = False,
+    visualize_steps: Annotated[
+        int, typer.Option(help="Optimization steps per visualization.")
+    ] = 128,
+    visualize_size: Annotated[int, typer.Option(help="Side of each visualization, pixels.")] = 96,
+    visualize_batch: Annotated[int, typer.Option(help="Channels optimized together.")] = 16,
 ) -> None:
     """Top-K images per channel over a dataset, a dataset PCA basis and HTML pages."""
     import warnings
@@ -95,6 +107,10 @@ def atlas(
             checkpoint_seconds=checkpoint_every,
             restart=restart,
             report_url=report_url,
+            visualize=visualize,
+            visualize_steps=visualize_steps,
+            visualize_size=visualize_size,
+            visualize_batch=visualize_batch,
             progress=progress,
         )
     resumed = f" ({r.resumed} done by an earlier run)" if r.resumed else ""

@@ -4,9 +4,10 @@ An engine turns the pending batches of a :class:`~featuremaps.atlas.data.Plan` i
 :class:`~featuremaps.atlas.batch.BatchResult` objects by calling the engine-neutral
 :func:`~featuremaps.atlas.batch.process_batch` on each, and yields them **in batch
 order** (the driver folds float sums in that order, which is what makes every engine
-give the same ``atlas.json`` bit for bit). Where the batches run, who decodes the images
-and on which device is the engine's business; what it can do is declared in its
-:class:`EngineCapabilities`. The driver alone writes files.
+give the same ``atlas.json`` bit for bit). Likewise :meth:`Engine.visualize` runs the
+jobs of the feature visualizations (``--visualize``), in job order. Where the batches
+run, who decodes the images and on which device is the engine's business; what it can do
+is declared in its :class:`EngineCapabilities`. The driver alone writes files.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Protocol, runtime_checkable
 from ...models import LoadedModel
 from ..batch import AtlasSpec, BatchResult
 from ..data import Plan
+from ..visuals import VisualizeJob, VisualizeResult, VisualizeSpec
 
 
 @dataclass(frozen=True)
@@ -80,5 +82,15 @@ class Engine(Protocol):
             pending: the batch numbers still to do, ascending.
             loaded: the model (with its fixed-size preprocessing), on the CPU.
             spec: what each batch computes.
+        """
+        ...
+
+    def visualize(
+        self, loaded: LoadedModel, jobs: Sequence[VisualizeJob], vspec: VisualizeSpec
+    ) -> Generator[VisualizeResult, None, None]:
+        """Yield the results of ``jobs`` (see :mod:`featuremaps.atlas.visuals`) in order.
+
+        Each job is :func:`~featuremaps.atlas.visuals.run_job`; a generator, closed
+        early like :meth:`run`.
         """
         ...

@@ -10,6 +10,7 @@ from ...models import LoadedModel
 from ...pipeline import resolve_device
 from ..batch import AtlasSpec, BatchResult, process_batch
 from ..data import Plan, batch_loader
+from ..visuals import VisualizeJob, VisualizeResult, VisualizeSpec, run_job
 from .base import EngineCapabilities, EngineOptions
 
 
@@ -45,3 +46,9 @@ class LocalEngine:
                 yield process_batch(module, batch, spec, self.device, self.options.precision)
         finally:
             module.to(home)
+
+    def visualize(
+        self, loaded: LoadedModel, jobs: Sequence[VisualizeJob], vspec: VisualizeSpec
+    ) -> Generator[VisualizeResult, None, None]:
+        for job in jobs:  # visualize() moves the model to the device and back
+            yield run_job(loaded.module, loaded.preprocess, job, vspec, self.device)

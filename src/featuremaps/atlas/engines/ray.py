@@ -34,6 +34,7 @@ from ...errors import FeatureMapsError
 from ...models import LoadedModel, Preprocess
 from ..batch import AtlasSpec, BatchResult, process_batch
 from ..data import Plan, load_images
+from ..visuals import VisualizeJob, VisualizeResult, VisualizeSpec, run_job
 from .base import EngineCapabilities, EngineOptions
 
 
@@ -110,6 +111,20 @@ class AtlasActor:
         return {"index": np.asarray(rows["index"]), "result": np.array(blobs, dtype=object)}
 
 
+class VisualizeActor:
+    """A model replica that runs visualization jobs (``ray.remote`` wraps it)."""
+
+    def __init__(self, payload: list[Any], pp: Preprocess, gpus: float) -> None:
+        import ray
+
+        self.device = actor_device(gpus)
+        self.module = ray.get(payload[0]).eval().to(self.device)
+        self.pp = pp
+
+    def run(self, job: VisualizeJob, vspec: VisualizeSpec) -> VisualizeResult:
+        return run_job(self.module, self.pp, job, vspec, self.device)
+
+
 class RayEngine:
     """Batches run by a pool of Ray Data actors; see the module notes."""
 
@@ -131,16 +146,7 @@ class RayEngine:
         if not pending:
             return
         ray = self.ray
-        started = not ray.is_initialized()
-        if started:
-            address = self.options.address or os.environ.get("RAY_ADDRESS") or None
-            try:
-                if address:
-                    ray.init(address=address, logging_level="warning")
-                else:
-                    ray.init(include_dashboard=False, logging_level="warning")
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise FeatureMapsError(f"cannot reach the Ray cluster {address!r}: {exc}") from exc
+        started = self._connect()
         ctx = ray.data.DataContext.get_current()
         saved = ctx.execution_options.preserve_order, ctx.enable_progress_bars
         ctx.execution_options.preserve_order = True
@@ -154,6 +160,49 @@ class RayEngine:
                 raise _actor_error(exc) from exc
         finally:
             ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+            if started:
+                ray.shutdown()
+
+    def _connect(self) -> bool:
+        """Join the cluster, or start a local instance; whether this call started Ray."""
+        ray = self.ray
+        if ray.is_initialized():
+            return False
+        address = self.options.address or os.environ.get("RAY_ADDRESS") or None
+        try:
+            if address:
+                ray.init(address=address, logging_level="warning")
+            else:
+                ray.init(include_dashboard=False, logging_level="warning")
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise FeatureMapsError(f"cannot reach the Ray cluster {address!r}: {exc}") from exc
+        return True
+
+    def visualize(
+        self, loaded: LoadedModel, jobs: Sequence[VisualizeJob], vspec: VisualizeSpec
+    ) -> Generator[VisualizeResult, None, None]:
+        """The jobs spread over a pool of ``workers`` actors, results in job order."""
+        if not jobs:
+            return
+        ray = self.ray
+        from ray.util import ActorPool
+
+        started = self._connect()
+        actors: list[Any] = []
+        try:
+            gpus = gpus_per_actor(self.options.gpus_per_worker, ray.cluster_resources())
+            remote = ray.remote(num_cpus=1, num_gpus=gpus)(VisualizeActor)
+            payload = [ray.put(loaded.module)]
+            n = min(max(1, self.options.workers), len(jobs))
+            actors = [remote.remote(payload, loaded.preprocess, gpus) for _ in range(n)]
+            pool = ActorPool(actors)
+            try:
+                yield from pool.map(lambda actor, job: actor.run.remote(job, vspec), list(jobs))
+            except ray.exceptions.RayError as exc:
+                raise _actor_error(exc) from exc
+        finally:
+            for actor in actors:
+                ray.kill(actor)
             if started:
                 ray.shutdown()
 
