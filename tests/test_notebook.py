@@ -85,6 +85,35 @@ def test_bad_input_is_a_clear_error() -> None:
         explore(net, torch.randn(1, 3, 8, 8), ["0"], max_bytes=10)
 
 
+@pytest.mark.slow
+def test_relevance_in_the_explorer(photo: Path) -> None:
+    torch.manual_seed(0)
+    model = fm.load_model("resnet18", "none")
+    ex = explore(model, [photo], ["layer4"], max_channels=8, target="tabby", order="relevance")
+    rel = ex.relevance[0] if ex.relevance else None
+    assert rel is not None and rel.main.target.label == "tabby"
+    html = ex._repr_html_()
+    data = embedded(html)
+    assert data["order_text"] == "most relevant to the target class first"
+    assert data["class_labels"] is not None and len(data["class_labels"]) == 1000
+    classes = data["images"][0]["relevance"]["classes"]
+    assert classes[0]["target"]["index"] == 281 and len(classes) in (5, 6)  # + the top-5
+    x = fm.images.preprocess(fm.images.load_image(photo), model.preprocess)[None]
+    expect = fm.relevance(model.module, x, ["layer4"], 281)["layer4"].channels[0].numpy()
+    got = np.asarray(classes[0]["layers"]["layer4"]["relevance"], np.float64)
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-6 * np.abs(expect).max())
+    assert classes[0]["layers"]["layer4"]["cam"].startswith("data:image/jpeg;base64,")
+    order = np.argsort(-expect.astype(np.float64), kind="stable")[:8].tolist()
+    assert data["images"][0]["layers"]["layer4"]["channels"] == order  # ranked by relevance
+    assert "featuremapsRelevance.mount(shadow, data, view)" in html
+    assert re.search(r"https?://", html) is None
+    plain = explore(model, [photo], ["layer4"], max_channels=8)
+    assert plain.relevance == [None]
+    assert "relevance" not in embedded(plain._repr_html_())["images"][0]
+    with pytest.raises(FeatureMapsError, match="ImageNet classifier"):
+        explore(small_net(), torch.randn(1, 3, 8, 8), ["0"], relevance=True)
+
+
 def test_save_writes_the_report(tmp_path: Path) -> None:
     ex = explore(small_net(), torch.randn(1, 3, 16, 16), ["0", "2"])
     out = ex.save(tmp_path / "x.html")

@@ -41,6 +41,14 @@ from .images import display_image, expand_inputs, load_image, preprocess, to_rgb
 from .models import LoadedModel, Preprocess, load_model
 from .options import ChannelOrder, Order
 from .pipeline import ImageResult, resolve_device, top_predictions
+from .relevance_outputs import (
+    RELEVANCE_ORDER,
+    ImageRelevance,
+    RelevanceRequest,
+    check_request,
+    explain_image,
+    parse_target,
+)
 from .report.build import (
     ReportBuilder,
     ReportOptions,
@@ -73,6 +81,8 @@ def explore(
     title: str | None = None,
     layout: LayoutContext | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    target: int | str | None = None,
+    relevance: bool = False,
 ) -> Explorer:
     """Capture ``layers`` for some images and return an :class:`Explorer` to show them.
 
@@ -85,13 +95,19 @@ def explore(
         layers: names, globs or presets (``stages``, ``convs``).
         weights: ``DEFAULT``, ``none`` or a state dict file (when ``model`` is a spec).
         max_channels: channels shown per layer (``None``: all; the size cap may lower it).
-        order: ``index``, ``top``, ``variance`` or a list of channels.
+        order: ``index``, ``top``, ``variance``, ``relevance`` (each grid ranked by its
+            channels' relevance to the target class) or a list of channels.
         cmap: the colormap shown first.
         full: keep the whole image (no centre crop); images must then share one size.
         device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
         title: the heading of the view.
         layout: token-layout overrides for transformer outputs.
         max_bytes: the largest cell output; beyond it fewer channels are embedded.
+        target: the class whose relevance is shown (an index or an ImageNet label;
+            ``None``: each image's top-1). Giving it turns relevance on.
+        relevance: show relevance (gradient x activation per channel, Grad-CAM, a class
+            picker over the target and the top-5 classes) as ``featuremaps report
+            --relevance`` does. Needs an ImageNet classifier (1000 outputs).
 
     Raises:
         FeatureMapsError: a bad option, model, image or layer (before any capture where
@@ -102,10 +118,13 @@ def explore(
         >>> ex.maps["layer1"].shape
         torch.Size([1, 64, 56, 56])
     """
-    opts = ReportOptions(max_channels, order, cmap)  # type: ignore[arg-type]
+    order, request = _relevance_request(order, target, relevance)
+    opts = ReportOptions(max_channels, order, cmap, request)  # type: ignore[arg-type]
     if max_bytes < 100_000:
         raise FeatureMapsError(f"max_bytes {max_bytes}: use at least 100000 (100 kB)")
     loaded = _loaded(model, weights)
+    if request is not None:
+        check_request(loaded, request)  # a class target the model cannot take: refused now
     x, names = _batch(images, loaded.preprocess, full)
     dev = resolve_device(device)
     module = loaded.module.to(dev)
@@ -116,6 +135,12 @@ def explore(
         assert loaded.categories is not None  # an ImageNet classifier has them
         predictions = [top_predictions(row, loaded.categories) for row in fm.output]
     fm.output = None
+    rels: list[ImageRelevance | None] = [None] * x.shape[0]
+    if request is not None:  # one more forward and backward per image (two with top-5)
+        rels = [
+            explain_image(module, x[i : i + 1].to(dev), list(fm), request, layout=layout)
+            for i in range(x.shape[0])
+        ]
     displays = [display_image(x[i], loaded.preprocess) for i in range(x.shape[0])]
     note = None
     if isinstance(images, torch.Tensor):
@@ -125,7 +150,24 @@ def explore(
             + ", std "
             + ",".join(f"{v:.3f}" for v in loaded.preprocess.std)
         )
-    return Explorer(loaded, fm, names, displays, predictions, opts, full, title, max_bytes, note)
+    return Explorer(
+        loaded, fm, names, displays, predictions, opts, full, title, max_bytes, note, rels
+    )
+
+
+def _relevance_request(
+    order: ChannelOrder | str, target: int | str | None, wanted: bool
+) -> tuple[ChannelOrder | str, RelevanceRequest | None]:
+    """The grid order and the relevance to compute (``None``: none) from ``order``,
+    ``target`` and ``relevance``: as ``report --order/--target/--relevance``, with the
+    target and the top-5 classes embedded for the class picker."""
+    ranked = isinstance(order, str) and order.strip().lower() == RELEVANCE_ORDER
+    if not (ranked or target is not None or wanted):
+        return order, None
+    if isinstance(target, str) and not target.strip():
+        raise FeatureMapsError("target '': give a class index or an ImageNet label")
+    request = RelevanceRequest(parse_target(target), ranked, top_classes=5)
+    return (Order.INDEX if ranked else order), request
 
 
 def _loaded(model: str | LoadedModel | nn.Module, weights: str) -> LoadedModel:
@@ -189,7 +231,9 @@ class Explorer:
         displays: each input as the model saw it, ``(H, W, 3)`` uint8.
         predictions: each image's top-5 (ImageNet classifiers with pretrained weights),
             else ``None``.
-        options: channels, order and colormap of the view.
+        options: channels, order, colormap and relevance request of the view.
+        relevance: each image's relevance (the target first, then the other top-5
+            classes) when relevance was asked for, else ``None`` per image.
     """
 
     model: LoadedModel
@@ -202,6 +246,7 @@ class Explorer:
     title: str | None = None
     max_bytes: int = DEFAULT_MAX_BYTES
     input_note: str | None = None
+    relevance: list[ImageRelevance | None] | None = None
 
     def data(self, options: ReportOptions | None = None) -> dict[str, Any]:
         """The report data of the view (as :class:`~featuremaps.report.ReportBuilder`)."""
@@ -210,7 +255,10 @@ class Explorer:
         )
         for i, name in enumerate(self.names):
             key = f"image-{i}"
-            res = ImageResult(Path(name), key, self.displays[i], self.maps, self.predictions[i])
+            rel = self.relevance[i] if self.relevance else None
+            res = ImageResult(
+                Path(name), key, self.displays[i], self.maps, self.predictions[i], rel
+            )
             builder.add(res, index=i)
         data = builder.data()
         if self.input_note:
@@ -325,6 +373,8 @@ def cell_html(data: dict[str, Any], note: str | None = None) -> str:
         '  const data = JSON.parse(host.querySelector(".fm-explorer-data").textContent);\n'
         '  host.querySelector(".fm-explorer-fallback").remove();\n'
         "  featuremapsReport.mount(shadow, data, view, { hash: false });\n"
+        "  featuremapsRelevance.mount(shadow, data, view);\n"
+        "  featuremapsCompare.mount(shadow, data, view);\n"
         "})();"
     )
     return (
