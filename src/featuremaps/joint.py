@@ -11,21 +11,20 @@ Example:
     >>> import featuremaps as fm
     >>> from featuremaps.joint import joint_bases
     >>> m = fm.load_model("resnet18", weights="none")
-    >>> bases = joint_bases(m, ["a.jpg", "b.jpg"], "layer1")  # doctest: +SKIP
+    >>> runs = fm.pipeline.iter_analyze(m, ["a.jpg", "b.jpg"], "layer1")  # doctest: +SKIP
+    >>> bases = joint_bases(r.maps for r in runs)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from .capture import LayoutContext
-from .models import LoadedModel
 from .pca import PCABasis, PCARecipe, PixelBlock, fit_recipe, map_rings
 
 
@@ -59,53 +58,33 @@ class _MapFile:
 
 
 def joint_bases(
-    model: LoadedModel,
-    images: Sequence[str | os.PathLike[str]],
-    layers: str | Sequence[str],
+    maps_per_image: Iterable[Mapping[str, torch.Tensor]],
     recipe: PCARecipe | None = None,
-    *,
-    full: bool = False,
-    device: str = "auto",
-    layout: LayoutContext | None = None,
-    allow_nan: bool = False,
 ) -> dict[str, PCABasis]:
     """Fit one basis per layer over every pixel of every image (streamed, constant memory).
 
     Args:
-        model: from :func:`featuremaps.load_model`.
-        images: files, folders or globs (as :func:`featuremaps.pipeline.analyze`).
-        layers: names, globs or presets.
+        maps_per_image: one ``{layer: (1, C, H, W)}`` mapping per image, consumed one at a
+            time (``run`` passes the maps of :func:`featuremaps.pipeline.iter_analyze`).
         recipe: the PCA recipe (default: the plain 3-component PCA).
-        full, device, layout, allow_nan: as :func:`featuremaps.pipeline.analyze`.
 
     Returns:
         layer -> the basis; drawing each image with it gives the colours of
         ``pca_basis(all maps stacked)`` (the same mean, components and range).
 
     Raises:
-        FeatureMapsError: bad images or layers, NaN/Inf maps, too few pixels to fit.
+        FeatureMapsError: NaN/Inf maps, too few pixels to fit.
     """
-    from .pipeline import iter_analyze
-
     recipe = (recipe or PCARecipe()).validate()
     with tempfile.TemporaryDirectory(prefix="featuremaps-joint-") as tmp:
         files: dict[str, _MapFile] = {}
         try:
-            for res in iter_analyze(
-                model,
-                images,
-                layers,
-                full=full,
-                device=device,
-                with_predictions=False,
-                layout=layout,
-                allow_nan=allow_nan,
-            ):
-                for name, t in res.maps.items():
+            for maps in maps_per_image:
+                for name, t in maps.items():
                     if name not in files:
                         files[name] = _MapFile(Path(tmp) / f"{len(files)}.bin")
                     files[name].append(t[0].float().numpy())
-                del res
+                del maps
             return {name: fit_recipe(f.blocks, recipe) for name, f in files.items()}
         finally:
             for f in files.values():

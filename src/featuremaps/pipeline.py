@@ -416,16 +416,17 @@ def _run_locked(
         from .joint import joint_bases
 
         joint = replace(pca_recipe or PCARecipe(), n_components=opts.pca)
-        bases = joint_bases(
+        first_pass = iter_analyze(
             loaded,
             paths,
             layers,
-            joint,
             full=full,
             device=device,
+            with_predictions=False,
             layout=layout,
             allow_nan=allow_nan,
         )
+        bases = joint_bases((res.maps for res in first_pass), joint)
         manifest["pca_joint"] = True
     results = (
         iter_analyze(

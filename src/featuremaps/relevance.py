@@ -194,9 +194,6 @@ def _scores(output: Any, target: TargetSpec, batch: int) -> tuple[torch.Tensor, 
     return scores, targets
 
 
-_class_index = class_index  # the name relevance_outputs.py imported first
-
-
 # -- the maps ---------------------------------------------------------------------------------
 
 

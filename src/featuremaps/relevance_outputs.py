@@ -24,8 +24,8 @@ from PIL import Image, ImageDraw
 
 from .capture import LayoutContext
 from .models import LoadedModel
-from .relevance import Target, TargetError, _class_index, relevance
-from .render import _font, colorize, overlay
+from .relevance import Target, TargetError, class_index, relevance
+from .render import _font, colorize, data_url, overlay
 from .summaries import json_float, json_floats
 
 __all__ = [
@@ -85,7 +85,7 @@ def check_request(loaded: LoadedModel, request: RelevanceRequest) -> None:
             "the model's output to one score per image."
         )
     if request.target is not None:
-        _class_index(request.target, 1000, loaded.categories)
+        class_index(request.target, 1000, loaded.categories)
 
 
 @dataclass(frozen=True)
@@ -233,8 +233,6 @@ def report_json(rel: ImageRelevance, display: np.ndarray, digits: int = 6) -> di
     """What the report embeds of one image's relevance: per class (the target first,
     then the other top classes) its target, each layer's per-channel relevance (all
     channels, ``digits`` significant digits) and Grad-CAM over the input as a JPEG."""
-    from .report.html import data_url
-
     classes = []
     for c in rel.classes:
         label = c.target.label or str(c.target.index)

@@ -10,6 +10,8 @@ levels plus the background, NaN and text colours as the palette. No model code h
 
 from __future__ import annotations
 
+import base64
+import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -402,3 +404,11 @@ def show(image: Image.Image | np.ndarray, ax: Any = None, title: str | None = No
     if title:
         ax.set_title(title)
     return ax
+
+
+def data_url(img: Image.Image, fmt: str = "PNG", **save: Any) -> str:
+    """A picture as a ``data:`` URL (PNG, or JPEG with ``fmt="JPEG"``)."""
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save)
+    mime = "image/jpeg" if fmt == "JPEG" else "image/png"
+    return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")

@@ -15,16 +15,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-import io
 import json
 import re
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from typing import Any
 
-from PIL import Image
-
 from ..errors import FeatureMapsError
+from ..render import data_url
 
 __all__ = [
     "asset",
@@ -115,14 +113,6 @@ def inline_csp(styles: Sequence[str], scripts: Sequence[str], img_src: str = "da
         f"default-src 'none'; img-src {img_src}; style-src {style_src}; "
         f"script-src {script_src}; base-uri 'none'; form-action 'none'"
     )
-
-
-def data_url(img: Image.Image, fmt: str = "PNG", **save: Any) -> str:
-    """A picture as a ``data:`` URL (PNG, or JPEG with ``fmt="JPEG"``)."""
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **save)
-    mime = "image/jpeg" if fmt == "JPEG" else "image/png"
-    return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def escape(text: object) -> str:

@@ -2,7 +2,7 @@
 
 Layers are paired in selection order (the i-th layer of each model's ``--layers``). For a
 pair of equal width, one PCA basis and one colour scale are fitted over the pixels of
-both maps (:func:`featuremaps.compare.joint_pca`), so a colour means the same direction
+both maps (:func:`featuremaps.pca.joint_pca`), so a colour means the same direction
 of the shared channel space in both pictures; a pair of different widths is listed with
 the reason it has no shared picture.
 """
@@ -18,6 +18,7 @@ import torch
 from ..capture import LayoutContext
 from ..errors import ReduceError
 from ..models import LoadedModel, load_model
+from ..pca import joint_pca
 from ..pipeline import ImageResult, iter_analyze
 from ..render import pca_picture
 from .html import data_url
@@ -51,7 +52,6 @@ def second_results(
 def compare_json(a: ImageResult, b: ImageResult, model_b: str, weights_b: str) -> dict[str, Any]:
     """Per layer of A: model B's paired layer and both PCA pictures in one basis (PNG at
     map resolution, each component min-max scaled over the pixels of both maps)."""
-    from ..compare.joint import joint_pca  # compare imports the atlas, which imports report
 
     names_b = list(b.maps)
     layers: dict[str, Any] = {}
