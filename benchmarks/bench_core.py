@@ -63,8 +63,7 @@ from scipy.linalg import subspace_angles
 from sklearn.decomposition import PCA
 
 from featuremaps import _files, render
-from featuremaps.capture import _MEMOS as CAPTURE_MEMOS  # what capture keeps per model
-from featuremaps.capture import capture
+from featuremaps.capture import capture, clear_cache
 from featuremaps.images import load_image, preprocess, sample_image
 from featuremaps.models import Preprocess
 from featuremaps.reduce import (
@@ -509,7 +508,7 @@ def bench_capture(
             capture(model, x, layers, full_forward=True)
 
         def first(model: torch.nn.Module = model, layers: list[str] = layers) -> None:
-            CAPTURE_MEMOS.pop(model, None)  # as if never captured before
+            clear_cache(model)  # as if never captured before
             capture(model, x, layers, full_forward=True)
 
         fns: dict[str, Callable[[], Any]] = {"bare": bare, "capture": cap, "first": first}

@@ -7,7 +7,6 @@ record per output), ``cache`` what is kept per model, ``core`` the capture itsel
 
 from __future__ import annotations
 
-from .cache import _MEMOS as _MEMOS  # for benchmarks/bench_core.py; use clear_cache()
 from .cache import clear_cache
 from .core import Capture, FeatureMaps, capture, list_layers
 from .hooks import Hooks, hooked
