@@ -4,6 +4,7 @@ notebook with two explorers, and Chromium clicks each one to show they are indep
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -197,80 +198,184 @@ def test_two_explorers_in_a_real_kernel(tmp_path: Path) -> None:
     cells = [
         SETUP,
         'ex1 = fm.explore(net, torch.randn(2, 3, 24, 24), layers=["0", "2"], max_channels=6)\nex1',
-        'ex2 = fm.explore("efficientnet_lite0", [fm.sample_image("cat")], layers=["_blocks.4"],'
-        " max_channels=12)\nex2",
+        'ex2 = fm.explore("efficientnet_lite0", [fm.sample_image("cat")], layers="stages",\n'
+        "                 max_channels=12, relevance=True)\nex2",
         'print(tuple(ex1.maps["2"].shape), ex2.names)\nfm.render_grid(ex1.maps["0"][0])',
     ]
     nb = run_notebook(cells, tmp_path)
     h1, h2 = outputs(nb.cells[1], "text/html")[0], outputs(nb.cells[2], "text/html")[0]
-    id1 = re.search(r'id="(fm-explorer-[0-9a-f]+)"', h1).group(1)  # type: ignore[union-attr]
-    id2 = re.search(r'id="(fm-explorer-[0-9a-f]+)"', h2).group(1)  # type: ignore[union-attr]
-    assert id1 != id2
     d1, d2 = embedded(h1), embedded(h2)
     assert [layer["name"] for layer in d1["layers"]] == ["0", "2"] and len(d1["images"]) == 2
-    assert [layer["name"] for layer in d2["layers"]] == ["_blocks.4"] and d2["images"][0][
-        "name"
-    ] == "cat.jpg"
+    assert [layer["name"] for layer in d2["layers"]] == STAGES
+    assert d2["images"][0]["name"] == "cat.jpg"
     assert len(d1["images"][0]["layers"]["0"]["channels"]) == 6
-    for h in (h1, h2):
-        assert re.search(r"https?://", h) is None
-        assert re.search(r'(src|href)="(?!data:)', h) is None
+    # relevance where asked: the top-1 (a cat) and the other top-5 classes, none in ex1
+    classes = d2["images"][0]["relevance"]["classes"]
+    assert classes[0]["target"]["label"] in CAT_LABELS and len(classes) == 5
+    assert set(classes[0]["layers"]) == set(STAGES) and "relevance" not in d1["images"][0]
     text = "".join(o.get("text", "") for o in nb.cells[3].outputs if o["output_type"] == "stream")
     assert "(2, 6, 11, 11) ['cat.jpg']" in text
     assert outputs(nb.cells[3], "image/png"), "the grid shows itself"
-    _click_both(h1, h2, tmp_path)
+    page = export_html(nb, tmp_path / "notebook.html", [h1, h2])
+    _click_both(page, d2)
 
 
-def _click_both(h1: str, h2: str, tmp_path: Path) -> None:
-    """Chromium: a layer click and a channel click each change only their own explorer."""
+STAGES = ["_blocks.0", "_blocks.2", "_blocks.4", "_blocks.10", "head_act"]
+CAT_LABELS = ("Egyptian cat", "tabby", "tiger cat")
+EXPLORER = re.compile(
+    r'<div class="fm-explorer" id="(fm-explorer-[0-9a-f]+)">.*?</script><script>.*?</script></div>',
+    re.S,
+)
+
+
+def export_html(nb: Any, out: Path, cells_html: list[str]) -> Path:
+    """The executed notebook exported as nbconvert does (``jupyter nbconvert --to html``),
+    after checking that the export carries each explorer, with its own id, and that no
+    explorer refers to anything outside itself."""
+    nbconvert = pytest.importorskip("nbconvert")
+    body, _ = nbconvert.HTMLExporter().from_notebook_node(nb)
+    found = EXPLORER.findall(body)
+    parts = [m.group(0) for m in EXPLORER.finditer(body)]
+    assert len(found) == 2 and found[0] != found[1], "two explorers, two ids"
+    # nbconvert re-serializes the markup (attribute order, indents), not script or style
+    inline = re.compile(r"<(script|style)[^>]*>(.*?)</\1>", re.S)
+    for part, cell in zip(parts, cells_html, strict=True):
+        assert inline.findall(part) == inline.findall(cell), "data, script, style carried"
+    for part in parts:
+        assert re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", part) is None, "offline"
+        assert re.search(r'(src|href)="(?!data:)', part) is None
+        assert re.search(r"@import|url\((?!['\"]?data:)", part) is None
+    out.write_text(body, encoding="utf-8")
+    return out
+
+
+def _click_both(page_file: Path, d2: dict[str, Any]) -> None:
+    """Chromium on the nbconvert export, every non-file request aborted: a layer click, a
+    channel click (and in the second, a class pick) each change only their own explorer."""
     pw = pytest.importorskip("playwright.sync_api")
     chromium = shutil.which("/usr/bin/chromium")
     if chromium is None:
         pytest.skip("no Chromium at /usr/bin/chromium")
-    page_file = tmp_path / "cells.html"
-    page_file.write_text(
-        "<!doctype html><meta charset=utf-8><style>h1{color:rgb(1, 2, 3)}</style>"
-        f"<h1>notebook</h1><div class=out>{h1}</div><div class=out>{h2}</div>",
-        encoding="utf-8",
-    )
+    body = page_file.read_text(encoding="utf-8")
+    outside = EXPLORER.sub("", body)  # the notebook template without the explorers
     with pw.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=chromium,
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
         )
         try:
-            page = browser.new_page(viewport={"width": 1200, "height": 1000})
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
-            requests: list[str] = []
-            page.on("request", lambda r: requests.append(r.url))
+            blocked: list[str] = []
+
+            def offline(route: Any) -> None:
+                url = route.request.url
+                if url.startswith("file:"):
+                    route.continue_()
+                else:
+                    blocked.append(url)
+                    route.abort()
+
+            page.route("**/*", offline)
             page.goto(page_file.as_uri())
             views = page.locator(".fm-explorer-view")
             page.wait_for_function(
                 "[...document.querySelectorAll('.fm-explorer-view')]"
                 ".every(v => v.dataset.ready === '1')"
             )
-            assert views.evaluate_all("vs => vs.map(v => v.dataset.layer)") == ["0", "_blocks.4"]
-            # the notebook's own style is untouched, and the explorer's stays inside
-            assert page.eval_on_selector("h1", "e => getComputedStyle(e).color") == "rgb(1, 2, 3)"
-            assert page.eval_on_selector("body", "e => getComputedStyle(e).margin") == "8px"
-            views.nth(0).locator("#layer-nav button[data-layer='2']").click()
-            page.wait_for_function(
-                "document.querySelectorAll('.fm-explorer-view')[0].dataset.layer === '2'"
+
+            def layers() -> list[str]:
+                return views.evaluate_all("vs => vs.map(v => v.dataset.layer)")  # type: ignore[no-any-return]
+
+            def dialogs() -> list[int]:
+                return [views.nth(i).locator("#channel-dialog[open]").count() for i in range(2)]
+
+            def wait_layer(i: int, name: str) -> None:
+                page.wait_for_function(
+                    f"document.querySelectorAll('.fm-explorer-view')[{i}].dataset.layer"
+                    f" === {json.dumps(name)}"
+                )
+
+            assert layers() == ["0", "_blocks.0"]
+            # the notebook's own style is untouched by the explorers' style
+            assert page.eval_on_selector("h1, .jp-Cell", "e => getComputedStyle(e).color") in (
+                "rgb(0, 0, 0)",
+                "rgba(0, 0, 0, 0.87)",
             )
-            assert views.evaluate_all("vs => vs.map(v => v.dataset.layer)") == ["2", "_blocks.4"]
-            assert views.nth(0).locator("#img-1 .grid[data-layer='2'] .cell").count() == 6
-            shots = ROOT / "test-output" / "screenshots"
-            shots.mkdir(parents=True, exist_ok=True)
-            views.nth(1).screenshot(path=str(shots / "notebook-explorer.png"))
-            views.nth(1).locator("#img-0 .cell[data-channel='2']").click()
-            views.nth(1).locator("#channel-dialog[open][data-channel='2']").wait_for()
-            assert views.nth(0).locator("#channel-dialog[open]").count() == 0
-            assert views.nth(1).locator("#dlg-title").inner_text() == "_blocks.4 · channel 2"
+            ex1, ex2 = views.nth(0), views.nth(1)
+            assert ex1.locator(".relevance-panel").count() == 0
+            assert ex2.locator(".relevance-panel").count() == 1
+            # explorer 1: a layer, then a channel
+            ex1.locator("#layer-nav button[data-layer='2']").click()
+            wait_layer(0, "2")
+            assert layers() == ["2", "_blocks.0"]
+            assert ex1.locator("#img-1 .grid[data-layer='2'] .cell").count() == 6
+            ex1.locator("#img-0 .cell[data-channel='3']").click()
+            ex1.locator("#channel-dialog[open][data-channel='3']").wait_for()
+            assert dialogs() == [1, 0]
+            assert ex1.locator("#dlg-title").inner_text() == "2 · channel 3"
+            ex1.locator("#dlg-close").click()
+            assert dialogs() == [0, 0]
+            # explorer 2: a layer (its relevance follows), a class, then a channel
+            cam = ex2.locator(".relevance-panel .cam-img")
+            assert (
+                cam.get_attribute("src")
+                == d2["images"][0]["relevance"]["classes"][0]["layers"]["_blocks.0"]["cam"]
+            )
+            ex2.locator("#layer-nav button[data-layer='_blocks.4']").click()
+            wait_layer(1, "_blocks.4")
+            assert layers() == ["2", "_blocks.4"]
+            classes = d2["images"][0]["relevance"]["classes"]
+            assert cam.get_attribute("src") == classes[0]["layers"]["_blocks.4"]["cam"]
+            ex2.locator(".class-picker").select_option("1")
+            panel = ex2.locator(".relevance-panel")
+            assert panel.get_attribute("data-target") == str(classes[1]["target"]["index"])
+            assert cam.get_attribute("src") == classes[1]["layers"]["_blocks.4"]["cam"]
+            assert ex2.locator("#img-0 .grid[data-layer='_blocks.4'] .cell").count() == 12
+            assert layers() == ["2", "_blocks.4"] and dialogs() == [0, 0]
+            ex2.locator(".class-picker").select_option("0")
+            _screenshot(page)
+            ex2.locator("#img-0 .cell[data-channel='2']").click()
+            ex2.locator("#channel-dialog[open][data-channel='2']").wait_for()
+            assert dialogs() == [0, 1] and layers() == ["2", "_blocks.4"]
+            assert ex2.locator("#dlg-title").inner_text() == "_blocks.4 · channel 2"
+            assert ex1.locator("#dlg-title").inner_text() == "2 · channel 3"  # as left
             assert errors == []
-            assert [u for u in requests if not u.startswith(("file:", "data:", "blob:"))] == []
+            # offline: only the notebook template's own CDN assets were asked for (and
+            # refused); the explorers asked for nothing
+            assert all(u in outside for u in blocked), blocked
+            if re.search(r'<script[^>]+src="https?://', outside):
+                assert blocked, "the template's CDN scripts were asked for and refused"
         finally:
             browser.close()
+
+
+def _screenshot(page: Any) -> None:
+    """The second explorer's cell (code and output) in the exported notebook, for the
+    README: test-output/screenshots/, and docs/ when FEATUREMAPS_UPDATE_DOCS=1."""
+    from PIL import Image
+
+    cell = page.locator(".jp-Cell").filter(has=page.locator(".fm-explorer")).nth(1)
+    cell.scroll_into_view_if_needed()
+    # the cell's view scrolls inside itself: show the layer (relevance, grid) under the nav
+    page.locator(".fm-explorer-view").nth(1).evaluate(
+        "v => { const b = v.shadowRoot.querySelector('.fm-body');"
+        " const p = v.shadowRoot.querySelector('.image-section .layer-panel');"
+        " b.scrollTop += p.getBoundingClientRect().top - b.getBoundingClientRect().top - 40; }"
+    )
+    shots = ROOT / "test-output" / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    path = shots / "notebook-explorer.png"
+    cell.screenshot(path=str(path))
+    with Image.open(path) as img:
+        assert img.width > 600 and img.height > 400
+        small = img.convert("RGB")
+    small.thumbnail((900, 1100))
+    small = small.quantize(colors=128, method=Image.Quantize.MEDIANCUT)
+    small.save(path, optimize=True)
+    if os.environ.get("FEATUREMAPS_UPDATE_DOCS") == "1":
+        shutil.copyfile(path, ROOT / "docs" / "notebook-explorer.png")
 
 
 TOUR = ROOT / "examples" / "tour.ipynb"
