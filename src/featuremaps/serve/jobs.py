@@ -57,6 +57,8 @@ class Job:
     """What the job computes; a second request for the same key joins this job."""
     result_id: str = ""
     """Where its result is found once done (a relevance target, a visualization id)."""
+    compare_id: str = ""
+    """The capture of the second model on the same image, when one was asked for."""
     status: JobStatus = JobStatus.QUEUED
     phase: str = "waiting for the previous job"
     step: int = 0
@@ -159,24 +161,37 @@ class CaptureJobs:
         self.board = board or JobBoard()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featuremaps-job")
 
-    def start(self, spec: str, weights: str, image_id: str) -> Job:
+    def start(
+        self, spec: str, weights: str, image_id: str, compare: tuple[str, str] | None = None
+    ) -> Job:
         """Queue a capture (or return the finished or running one for the same input).
+
+        Args:
+            compare: a second model spec and weights, captured on the same image by the
+                same job (checked by the same policy as the first).
 
         Raises:
             ApiError: a refused spec (400/403) or an unknown image (404).
         """
         spec, weights = self.catalog.check(spec, weights)
+        other = self.catalog.check(*compare) if compare is not None else None
         img = self.images.get(image_id)
         cid = capture_key(spec, weights, image_id)
-        job, new = self.board.open(f"capture:{cid}", cid)
+        bid = capture_key(*other, image_id) if other is not None else ""
+        job, new = self.board.open(f"capture:{cid}:{bid}", cid, steps=8 if other else 4)
+        job.compare_id = bid
         if not new:
             return job
-        if cid in self.captures:
+        todo = [(cid, spec, weights)] if cid not in self.captures else []
+        if other is not None and bid not in self.captures and bid != cid:
+            todo.append((bid, *other))
+        if not todo:
             job.finish("cached")
             return job
 
         def work(job: Job) -> None:
-            self.captures.put(self._capture(job, spec, weights, image_id, img))
+            for n, (key, s, w) in enumerate(todo):
+                self.captures.put(self._capture(job, s, w, image_id, img, key, 4 * n))
 
         self.executor.submit(run_job, job, work, "capture")
         return job
@@ -189,14 +204,24 @@ class CaptureJobs:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def _capture(
-        self, job: Job, spec: str, weights: str, image_id: str, img: Image.Image
+        self,
+        job: Job,
+        spec: str,
+        weights: str,
+        image_id: str,
+        img: Image.Image,
+        cid: str = "",
+        step0: int = 0,
     ) -> CaptureEntry:
-        job.advance("loading the model", 1)
+        def advance(phase: str, step: int) -> None:
+            job.advance(f"{spec}: {phase}" if job.steps > 4 else phase, step0 + step)
+
+        advance("loading the model", 1)
         loaded = self.models.get(spec, weights)
-        job.advance("preprocessing the image", 2)
+        advance("preprocessing the image", 2)
         x = preprocess(img, loaded.preprocess)[None].to(self.models.device)
         with self.models.compute:
-            job.advance("listing the layers (one forward pass)", 3)
+            advance("listing the layers (one forward pass)", 3)
             probe = list_layers(loaded.module, x)
             spatial = [i for i in probe if i.shape is not None]
             if not spatial:
@@ -205,14 +230,14 @@ class CaptureJobs:
                 stages = resolve_layers(loaded.module, "stages", probe)
             except LayerError:
                 stages = [spatial[-1].name]
-            job.advance("capturing the stages", 4)
+            advance("capturing the stages", 4)
             predict = loaded.is_imagenet_classifier and loaded.pretrained
             fm = capture(loaded.module, x, stages, full_forward=predict)
         preds = None
         if predict and isinstance(fm.output, torch.Tensor) and fm.output.ndim == 2:
             preds = top_predictions(fm.output[0], loaded.categories or [])
         return CaptureEntry(
-            id=job.capture_id,
+            id=cid or job.capture_id,
             spec=spec,
             weights=weights,
             image_id=image_id,

@@ -24,6 +24,27 @@ class CaptureRequest(BaseModel):
     model: str = Field(min_length=1, max_length=300)
     weights: str = Field(default="DEFAULT", max_length=20)
     image_id: str = Field(min_length=1, max_length=64)
+    compare_model: str | None = Field(default=None, max_length=300)
+    """A second model (a spec the server accepts, like ``model``) captured on the same image."""
+    compare_weights: str = Field(default="DEFAULT", max_length=20)
+
+    @field_validator("compare_model")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return value if value is None or value.strip() else None
+
+
+class CompareOut(BaseModel):
+    """One layer of two captures: whether both PCA pictures share one basis, or why not."""
+
+    layer: str
+    model_a: str
+    model_b: str
+    channels_a: int
+    channels_b: int | None
+    """None when model B has no layer of that name."""
+    joint: bool
+    note: str | None
 
 
 class RelevanceRequest(BaseModel):
@@ -125,6 +146,8 @@ class JobOut(BaseModel):
     job_id: str
     capture_id: str
     result_id: str
+    compare_id: str = ""
+    """The second model's capture (when the request named one)."""
     status: JobStatus
     phase: str
     step: int
@@ -248,6 +271,7 @@ def job_out(job: Job) -> JobOut:
         job_id=job.id,
         capture_id=job.capture_id,
         result_id=job.result_id,
+        compare_id=job.compare_id,
         status=job.status,
         phase=job.phase,
         step=job.step,

@@ -4,6 +4,7 @@ relevance and visualizations."""
 from __future__ import annotations
 
 from .captures import router as captures_router
+from .compare import router as compare_router
 from .images import router as images_router
 from .pages import router as pages_router
 from .pictures import router as pictures_router
@@ -15,6 +16,7 @@ ROUTERS = (
     images_router,
     captures_router,
     pictures_router,
+    compare_router,
     relevance_router,
     visualize_router,
 )

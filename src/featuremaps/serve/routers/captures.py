@@ -30,7 +30,8 @@ router = APIRouter(prefix="/api")
 @router.post("/captures")
 def start(req: CaptureRequest, state: State, response: Response) -> JobOut:
     """Queue a capture: 202 while it runs, 200 when it is cached already."""
-    job = state.jobs.start(req.model, req.weights, req.image_id)
+    compare = None if req.compare_model is None else (req.compare_model, req.compare_weights)
+    job = state.jobs.start(req.model, req.weights, req.image_id, compare)
     response.status_code = 200 if job.status.finished else 202
     return job_out(job)
 
