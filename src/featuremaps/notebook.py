@@ -322,6 +322,8 @@ _CELL_CSS = """
 :host { display: block; container-type: inline-size; }
 .fm-body { max-height: 880px; overflow: auto; }
 .fm-body .topbar { padding: 8px 14px; }
+.relevance-left { min-width: 0; flex: 1 1 320px; }
+.relevance-bars { max-width: 100%; height: auto; }
 @container (max-width: 820px) {
   .layout { grid-template-columns: 1fr; }
   .sidebar { position: static; }
