@@ -53,8 +53,10 @@ from ..reduce import apply_scaling, compute_scaling, select_channels
 from ..relevance_outputs import RelevanceRequest, check_request, report_json, report_order
 from ..render import LEVEL_LUT, LEVELS, colormap_lut, level_index, pca_picture
 from ..summaries import LayerSummary, json_float, json_floats
+from ..video import VIDEO_SUFFIXES, is_video
 from .html import asset, data_url, escape, fill_template, inline_csp, script_json_chunks
 from .side_by_side import compare_json, second_results
+from .video import VIDEO_CAP_BYTES, video_entry
 
 RELEVANCE_ORDER_TEXT = "most relevant to the target class first"
 
@@ -216,6 +218,7 @@ class ReportBuilder:
         self.title = title
         self.layers: list[dict[str, Any]] = []
         self.images: list[dict[str, Any]] = []
+        self.videos: list[dict[str, Any]] = []  # see report/video.py
         self._names: list[str] = []
 
     def add(
@@ -291,6 +294,7 @@ class ReportBuilder:
             },
             "layers": self.layers,
             "images": self.images,
+            "videos": self.videos,
             "class_labels": m.categories if opts.relevance else None,
         }
 
@@ -382,11 +386,22 @@ def _build(
     progress: Progress | None,
 ) -> ReportBuilder:
     """Capture and reduce each image in turn into a builder (see :func:`build_report`)."""
-    paths = expand_inputs(images)
+    paths = expand_inputs(images, also=VIDEO_SUFFIXES)
+    clips = [p for p in paths if is_video(p)]
+    paths = [p for p in paths if not is_video(p)]
     loaded = model if isinstance(model, LoadedModel) else load_model(model, weights)
     builder = ReportBuilder(loaded, options, full=full, title=title)
     if options.relevance is not None:
         check_request(loaded, options.relevance)
+    for clip in clips:  # each a PCA video per layer, within one byte cap for the page
+        used = sum(v["bytes"] for e in builder.videos for v in e["layers"].values())
+        entry = video_entry(loaded, clip, layers, full=full, budget=VIDEO_CAP_BYTES - used)
+        builder.videos.append(entry)
+        builder._names.append(clip.name)
+        if progress:
+            progress("video", len(builder.videos), len(clips))
+    if not paths:
+        return builder
     analyzed = iter_analyze(
         loaded, paths, layers, full=full, device=device, layout=layout, relevance=options.relevance
     )
@@ -425,7 +440,7 @@ def html_chunks(data: dict[str, Any]) -> Iterator[str]:
     js = report_script()
     values = {
         **page_values(data),
-        "csp": escape(inline_csp([css], [js])),
+        "csp": escape(inline_csp([css], [js], media_src="data:")),
         "css": css,
         "js": js,
         "data": _DATA_MARK,
@@ -466,7 +481,13 @@ def report_script() -> str:
     """The report's script: the shared helpers (``static/common.js``), then the page's."""
     return "\n".join(
         asset(f"static/{name}")
-        for name in ("common.js", "report.js", "report_relevance.js", "report_compare.js")
+        for name in (
+            "common.js",
+            "report.js",
+            "report_relevance.js",
+            "report_compare.js",
+            "report_video.js",
+        )
     )
 
 

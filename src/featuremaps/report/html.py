@@ -104,13 +104,21 @@ def csp_hash(text: str) -> str:
     return "'sha256-" + base64.b64encode(digest).decode("ascii") + "'"
 
 
-def inline_csp(styles: Sequence[str], scripts: Sequence[str], img_src: str = "data: blob:") -> str:
+def inline_csp(
+    styles: Sequence[str],
+    scripts: Sequence[str],
+    img_src: str = "data: blob:",
+    media_src: str | None = None,
+) -> str:
     """A policy for a self-contained page: nothing is fetched, only these inline styles and
-    scripts run, images come from ``img_src`` (data and blob URLs by default)."""
+    scripts run, images come from ``img_src`` (data and blob URLs by default), audio and
+    video from ``media_src`` (none by default; the report's embedded videos: ``data:``)."""
     style_src = " ".join(csp_hash(s) for s in styles) or "'none'"
     script_src = " ".join(csp_hash(s) for s in scripts) or "'none'"
     return (
-        f"default-src 'none'; img-src {img_src}; style-src {style_src}; "
+        f"default-src 'none'; img-src {img_src}; "
+        + (f"media-src {media_src}; " if media_src else "")
+        + f"style-src {style_src}; "
         f"script-src {script_src}; base-uri 'none'; form-action 'none'"
     )
 
