@@ -9,6 +9,10 @@ one family with random (seeded) weights: resnet18 and resnet34, whose stage widt
 from __future__ import annotations
 
 import io
+import os
+import shutil
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,6 +104,7 @@ def test_pictures_equal_an_independent_joint_fit(client: TestClient, pair: dict[
 
     map_a, map_b = reference_map("resnet18", layer), reference_map("resnet34", layer)
     basis = joint_basis(map_a[None], map_b[None], 3)
+    got = np.zeros(0)
     for side, m in (("a", map_a), ("b", map_b)):
         resp = client.get(url + "/pca.png", params={"layer": layer, "side": side, "size": 224})
         assert resp.headers["X-Featuremaps-Joint"] == "1"
@@ -109,7 +114,7 @@ def test_pictures_equal_an_independent_joint_fit(client: TestClient, pair: dict[
         assert np.abs(got - want).max() <= 1
     # the joint basis is not B's own basis: the colours differ from B's single picture
     own = np.asarray(pca_picture(pca_rgb(map_b, 3), 224)).astype(int)
-    assert np.abs(png(client.get(url + "/pca.png", params={"layer": layer, "side": "b", "size": 224})) - own).max() > 8
+    assert np.abs(got - own).max() > 8  # got: B's picture from the server
 
 
 def test_different_widths_give_the_note(client: TestClient, image_id: str) -> None:
@@ -129,7 +134,8 @@ def test_layer_missing_in_b(client: TestClient, image_id: str) -> None:
     url = f"/api/captures/{job['capture_id']}/compare/{job['compare_id']}"
     info = client.get(url, params={"layer": "layer1.2"}).json()
     assert info["channels_b"] is None and "no layer named" in info["note"]
-    assert client.get(url + "/pca.png", params={"layer": "layer1.2", "side": "b"}).status_code == 404
+    resp = client.get(url + "/pca.png", params={"layer": "layer1.2", "side": "b"})
+    assert resp.status_code == 404 and "no layer named" in resp.json()["detail"]
 
 
 @pytest.mark.parametrize(
@@ -143,3 +149,105 @@ def test_second_spec_policy(
     body |= {"compare_model": spec, "compare_weights": weights}
     resp = client.post("/api/captures", json=body)
     assert resp.status_code == code, resp.text
+
+
+# -- in a real browser ------------------------------------------------------------------------
+
+CHROMIUM = os.environ.get("FEATUREMAPS_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+TIMEOUT_MS = 120_000
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("browser tests must run in CI: playwright is not installed")
+        pytest.skip("playwright is not installed (pip install 'featuremaps[test]')")
+    executable = shutil.which(CHROMIUM)
+    if executable is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"browser tests must run in CI: no Chromium at {CHROMIUM}")
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=executable, args=ARGS, timeout=TIMEOUT_MS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(), log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    assert srv.started, "uvicorn did not start within 10 s"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_viewer_shows_both_pictures(browser: Any, server: str) -> None:
+    page = browser.new_page(viewport={"width": 1500, "height": 1250})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        page.goto(server + "/")
+        page.wait_for_selector("body[data-ready='1']")
+        page.fill("#model-input", "resnet18")
+        page.select_option("#weights-select", "none")
+        page.fill("#compare-input", "resnet34")
+        page.select_option("#compare-weights", "none")
+        page.click("button[data-sample='cat']")
+        page.wait_for_selector("body[data-image]")
+        page.click("#capture-button")
+        page.wait_for_selector("body[data-capture]")
+        page.click("#layer-list button[data-layer='layer2']")
+        page.click("button.tab[data-tab='pca']")
+        page.wait_for_selector("#pca-joint-b[data-joint='1']")
+        loaded = (
+            "() => ['pca-joint-a', 'pca-joint-b'].every(id => { const i = "
+            "document.getElementById(id); return i.complete && i.naturalWidth > 0 && "
+            "i.src.includes('layer2'); })"
+        )
+        deadline = time.monotonic() + 120
+        while not page.evaluate(loaded) and time.monotonic() < deadline:
+            page.wait_for_timeout(100)
+        assert page.evaluate(loaded), "the two PCA pictures did not load"
+        assert page.is_visible("#pca-joint-a") and page.is_visible("#pca-joint-b")
+        assert "one PCA basis" in page.inner_text("#pca-compare-note")
+        assert "resnet34" in page.inner_text("#pca-joint-b-cap")
+        # the picture the page shows is the API's joint-basis picture of B
+        src_b = page.get_attribute("#pca-joint-b", "src")
+        assert src_b is not None and "side=b" in src_b
+        shown = page.evaluate(
+            "async (u) => Array.from(new Uint8Array(await (await fetch(u)).arrayBuffer()))", src_b
+        )
+        got = np.asarray(Image.open(io.BytesIO(bytes(shown))).convert("RGB")).astype(int)
+        map_a, map_b = reference_map("resnet18", "layer2"), reference_map("resnet34", "layer2")
+        basis = joint_basis(map_a[None], map_b[None], 3)
+        want = np.asarray(pca_picture(pca_rgb(map_b, 3, basis=basis), 448)).astype(int)
+        assert got.shape == want.shape and np.abs(got - want).max() <= 1
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.locator("#pca-pane").screenshot(path=str(SHOTS / "viewer-compare.png"))
+        assert errors == []
+    finally:
+        page.close()

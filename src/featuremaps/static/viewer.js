@@ -7,6 +7,9 @@
     config: null,
     imageId: null,
     capture: null, // summary of the current capture
+    compareId: null, // capture of the second model on the same image, when asked for
+    compareModel: null,
+    cmpSeq: 0,
     layer: null,
     layerInfo: null,
     grid: null, // metadata of the shown grid
@@ -121,10 +124,12 @@
     }
   }
 
-  function syncWeights() {
-    const name = $("model-input").value.trim();
+  function syncWeights(ev) {
+    const compare = !!ev && ev.target === $("compare-input");
+    const name = $(compare ? "compare-input" : "model-input").value.trim();
+    if (!name) return;
     const m = state.config && state.config.models.find((x) => x.name === name);
-    const sel = $("weights-select");
+    const sel = $(compare ? "compare-weights" : "weights-select");
     const pretrained = !m || m.pretrained || name.startsWith("timm:");
     sel.options[0].textContent = pretrained ? "pretrained" : "pretrained (needs a download)";
     sel.value = m && !m.pretrained ? "none" : "DEFAULT";
@@ -208,6 +213,8 @@
         model: $("model-input").value.trim(),
         weights: $("weights-select").value,
         image_id: state.imageId,
+        compare_model: $("compare-input").value.trim() || null,
+        compare_weights: $("compare-weights").value,
       });
       let job = await (await api("/api/captures", { method: "POST", headers: { "Content-Type": "application/json" }, body })).json();
       job = await pollJob(job, (j) => {
@@ -218,6 +225,8 @@
         });
       });
       if (seq !== state.seq) return;
+      state.compareId = job.compare_id || null;
+      state.compareModel = state.compareId ? $("compare-input").value.trim() : null;
       await loadCapture(job.capture_id, job.elapsed);
     } catch (err) {
       fail(err);
@@ -394,6 +403,36 @@
     $("pca-img").src = captureUrl("/pca.png", { layer: name, size: 448 });
     $("pca-overlay").src = captureUrl("/pca.png", { layer: name, mode: "overlay" });
     $("pca-img").dataset.layer = name;
+    loadComparePca(name);
+  }
+
+  // The second model's map of the same layer, both drawn in one PCA basis fitted over both.
+  async function loadComparePca(name) {
+    const box = $("pca-compare");
+    const seq = ++state.cmpSeq;
+    if (!state.compareId) {
+      box.hidden = true;
+      return;
+    }
+    const base = "/compare/" + encodeURIComponent(state.compareId);
+    try {
+      const info = await (await api(captureUrl(base, { layer: name }))).json();
+      if (seq !== state.cmpSeq) return;
+      box.hidden = false;
+      const note = info.joint
+        ? "Side by side in one PCA basis fitted over both maps: a colour means the same direction in A and B."
+        : info.note;
+      $("pca-compare-note").textContent = note;
+      $("pca-joint-a").src = captureUrl(base + "/pca.png", { layer: name, side: "a", size: 448 });
+      $("pca-joint-a-cap").textContent = "A: " + info.model_a + " · " + info.channels_a + " channels";
+      const hasB = info.channels_b !== null;
+      $("pca-joint-b").hidden = !hasB;
+      $("pca-joint-b-cap").textContent = hasB ? "B: " + info.model_b + " · " + info.channels_b + " channels" : "";
+      if (hasB) $("pca-joint-b").src = captureUrl(base + "/pca.png", { layer: name, side: "b", size: 448 });
+      $("pca-joint-a").dataset.joint = $("pca-joint-b").dataset.joint = info.joint ? "1" : "0";
+    } catch (err) {
+      if (seq === state.cmpSeq) fail(err);
+    }
   }
 
   function boxAt(ev) {
@@ -696,6 +735,7 @@
   function wire() {
     $("capture-form").addEventListener("submit", startCapture);
     $("model-input").addEventListener("change", syncWeights);
+    $("compare-input").addEventListener("change", syncWeights);
     for (const b of document.querySelectorAll(".sample")) b.addEventListener("click", () => pickSample(b.dataset.sample, b));
     $("file-input").addEventListener("change", (ev) => upload(ev.target.files[0]));
     $("layer-filter").addEventListener("input", () => state.capture && renderLayerList());
