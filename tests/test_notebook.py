@@ -416,5 +416,9 @@ def test_tour_runs_in_a_real_kernel(tmp_path: Path) -> None:
     html = [
         o["data"]["text/html"] for c in code for o in c.outputs if "text/html" in o.get("data", {})
     ]
-    assert len(html) == 1 and 'class="fm-explorer"' in html[0]
-    assert re.search(r"https?://", html[0]) is None
+    assert len(html) == 2 and all('class="fm-explorer"' in h for h in html)
+    assert "target: tabby" in text
+    why = embedded(html[1])["images"][0]
+    assert why["relevance"]["classes"][0]["target"]["label"] == "tabby"
+    for h in html:
+        assert re.search(r"https?://", h) is None
