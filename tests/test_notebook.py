@@ -111,8 +111,10 @@ def test_relevance_in_the_explorer(photo: Path) -> None:
     plain = explore(model, [photo], ["layer4"], max_channels=8)
     assert plain.relevance == [None]
     assert "relevance" not in embedded(plain._repr_html_())["images"][0]
-    with pytest.raises(FeatureMapsError, match="ImageNet classifier"):
+    with pytest.raises(FeatureMapsError, match=r"relevance=True .*ImageNet classifier"):
         explore(small_net(), torch.randn(1, 3, 8, 8), ["0"], relevance=True)
+    with pytest.raises(FeatureMapsError, match="no such class"):
+        explore(model, [photo], ["layer4"], target="no such class")
 
 
 def test_save_writes_the_report(tmp_path: Path) -> None:

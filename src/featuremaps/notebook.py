@@ -7,7 +7,9 @@ predictions. It needs no server, no extension and no network: the data, style an
 are inline. The view lives in a shadow root, so its style cannot restyle the notebook
 (nor the notebook's restyle it), and each display gets its own id, so several explorers
 in one notebook work independently. A size cap keeps the cell output small: past it,
-fewer channels per layer are embedded and the view says so.
+fewer channels per layer are embedded and the view says so. With ``target=`` or
+``relevance=True`` (ImageNet classifiers) it also shows, as ``featuremaps report
+--relevance`` does, each channel's relevance to a class, Grad-CAM and a class picker.
 
 Example:
     >>> import featuremaps as fm
@@ -41,6 +43,7 @@ from .images import display_image, expand_inputs, load_image, preprocess, to_rgb
 from .models import LoadedModel, Preprocess, load_model
 from .options import ChannelOrder, Order
 from .pipeline import ImageResult, resolve_device, top_predictions
+from .relevance import TargetError
 from .relevance_outputs import (
     RELEVANCE_ORDER,
     ImageRelevance,
@@ -123,8 +126,15 @@ def explore(
     if max_bytes < 100_000:
         raise FeatureMapsError(f"max_bytes {max_bytes}: use at least 100000 (100 kB)")
     loaded = _loaded(model, weights)
+    if request is not None and not loaded.is_imagenet_classifier:
+        raise TargetError(
+            f"target= / relevance=True / order='relevance': a class target needs an ImageNet "
+            f"classifier (1000 class outputs), and {loaded.spec!r} is not one. For another "
+            "model, call featuremaps.relevance(model, x, layers, target=fn) with fn mapping "
+            "the model's output to one score per image."
+        )
     if request is not None:
-        check_request(loaded, request)  # a class target the model cannot take: refused now
+        check_request(loaded, request)  # an unknown label or index: refused before capture
     x, names = _batch(images, loaded.preprocess, full)
     dev = resolve_device(device)
     module = loaded.module.to(dev)
