@@ -7,6 +7,7 @@ import io
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,15 @@ def test_video_over_the_cap_is_refused(tmp_path: Path, model: Any) -> None:
         video_entry(model, clip, LAYERS, budget=1000)
 
 
+def _wait(locator: Any, predicate: str, seconds: float = 30.0) -> None:
+    """Poll ``predicate`` on the element from Python: the report's CSP forbids the eval
+    that page.wait_for_function would use in the page."""
+    deadline = time.monotonic() + seconds
+    while not locator.evaluate(predicate):
+        assert time.monotonic() < deadline, f"timed out waiting for {predicate}"
+        time.sleep(0.05)
+
+
 @pytest.mark.browser
 def test_player_loads_and_layer_switch_swaps_source(report: tuple[Path, str]) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
@@ -119,12 +129,12 @@ def test_player_loads_and_layer_switch_swaps_source(report: tuple[Path, str]) ->
             video = page.locator("#videos video.video-player")
             assert video.count() == 1
             ready = "v => v.readyState >= 1 && v.duration > 0 && !v.error"
-            page.wait_for_function(f"({ready})(document.querySelector('video'))", timeout=30_000)
+            _wait(video, ready)
             first = video.evaluate("v => [v.currentSrc, v.dataset.layer, v.duration]")
             assert first[1] == LAYERS[0]
             assert abs(first[2] - FRAMES / 10) < 0.15
             page.select_option("#videos select.video-layer", LAYERS[1])
-            page.wait_for_function(f"({ready})(document.querySelector('video'))", timeout=30_000)
+            _wait(video, ready)
             second = video.evaluate("v => [v.currentSrc, v.dataset.layer]")
             assert second[1] == LAYERS[1]
             assert second[0] != first[0] and second[0].startswith("data:video/webm")
