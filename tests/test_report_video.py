@@ -35,8 +35,9 @@ def _clip(path: Path, frames: int = FRAMES) -> Path:
         s.pix_fmt = "yuv420p"
         for i in range(frames):
             a = np.zeros((64, 64, 3), np.uint8)
-            a[:, i * 8 : i * 8 + 16] = 255
-            a[..., 1] = 40 * i
+            x = (i * 8) % 48
+            a[:, x : x + 16] = 255
+            a[..., 1] = (40 * i) % 256
             for pk in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
                 c.mux(pk)
         for pk in s.encode():
