@@ -34,7 +34,7 @@ def test_enums_compare_equal_to_their_strings():
 
 def test_choices_in_words():
     assert choices(Norm) == "linear, log or symlog"
-    assert choices(Score) == "max or mean"
+    assert choices(Score) == "max, mean or relevance"
 
 
 @pytest.mark.parametrize(
