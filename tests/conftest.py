@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -78,3 +82,34 @@ def photo(tmp_path: Path) -> Path:
     path = tmp_path / "photo.jpg"
     Image.fromarray(arr).save(path, quality=95)
     return path
+
+
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+def browser_unavailable(reason: str) -> None:
+    """Skip a browser test locally; in CI (``CI`` set) a missing browser is a failure."""
+    if os.environ.get("CI"):
+        pytest.fail(f"browser tests must run in CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's Chromium driven by Playwright (``FEATUREMAPS_CHROMIUM`` overrides the path)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        browser_unavailable("playwright is not installed (pip install 'featuremaps[test]')")
+    chromium = os.environ.get("FEATUREMAPS_CHROMIUM", "/usr/bin/chromium")
+    executable = shutil.which(chromium)
+    if executable is None:
+        browser_unavailable(
+            f"no Chromium at {chromium} (apt-get install chromium, or FEATUREMAPS_CHROMIUM)"
+        )
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=executable, args=BROWSER_ARGS, timeout=120_000)
+        try:
+            yield b
+        finally:
+            b.close()

@@ -6,7 +6,6 @@ tests skip locally and fail in CI (``CI`` set), which must exercise them.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import threading
@@ -25,36 +24,9 @@ from featuremaps.report import quantize, write_report
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = os.environ.get("FEATUREMAPS_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SHOTS = Path(__file__).resolve().parents[1] / "test-output" / "screenshots"
 TIMEOUT_MS = 60_000
 HOSTILE = 'coffee <img src=x onerror="alert(1)">.jpg'
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"browser tests must run in CI: {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("playwright is not installed (pip install 'featuremaps[test]')")
-    executable = shutil.which(CHROMIUM)
-    if executable is None:
-        _unavailable(
-            f"no Chromium at {CHROMIUM} (apt-get install chromium, or FEATUREMAPS_CHROMIUM)"
-        )
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=executable, args=ARGS, timeout=TIMEOUT_MS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture

@@ -7,11 +7,8 @@ import html
 import io
 import itertools
 import json
-import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -502,31 +499,7 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
 
 # -- the page in a browser --------------------------------------------------------------------
 
-CHROMIUM = os.environ.get("FEATUREMAPS_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SHOTS = Path(__file__).resolve().parents[1] / "test-output" / "screenshots"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    def unavailable(reason: str) -> None:
-        if os.environ.get("CI"):
-            pytest.fail(f"browser tests must run in CI: {reason}")
-        pytest.skip(reason)
-
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        unavailable("playwright is not installed (pip install 'featuremaps[test]')")
-    executable = shutil.which(CHROMIUM)
-    if executable is None:
-        unavailable(f"no Chromium at {CHROMIUM}")
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=executable, args=ARGS, timeout=60_000)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.mark.browser

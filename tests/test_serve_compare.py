@@ -9,8 +9,6 @@ one family with random (seeded) weights: resnet18 and resnet34, whose stage widt
 from __future__ import annotations
 
 import io
-import os
-import shutil
 import socket
 import threading
 import time
@@ -153,30 +151,7 @@ def test_second_spec_policy(
 
 # -- in a real browser ------------------------------------------------------------------------
 
-CHROMIUM = os.environ.get("FEATUREMAPS_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 TIMEOUT_MS = 120_000
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("browser tests must run in CI: playwright is not installed")
-        pytest.skip("playwright is not installed (pip install 'featuremaps[test]')")
-    executable = shutil.which(CHROMIUM)
-    if executable is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"browser tests must run in CI: no Chromium at {CHROMIUM}")
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=executable, args=ARGS, timeout=TIMEOUT_MS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture(scope="module")

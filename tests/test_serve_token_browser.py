@@ -8,8 +8,6 @@ host, other port: the same *site* for cookies, so the cookie goes along) cannot 
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import threading
 import time
@@ -24,34 +22,7 @@ from featuremaps.serve import Guard, create_app
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = os.environ.get("FEATUREMAPS_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 TIMEOUT_MS = 60_000
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"browser tests must run in CI: {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("playwright is not installed (pip install 'featuremaps[test]')")
-    executable = shutil.which(CHROMIUM)
-    if executable is None:
-        _unavailable(
-            f"no Chromium at {CHROMIUM} (apt-get install chromium, or FEATUREMAPS_CHROMIUM)"
-        )
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=executable, args=ARGS, timeout=TIMEOUT_MS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def _serve(guard_for: Any) -> Iterator[tuple[str, Any, Guard]]:
