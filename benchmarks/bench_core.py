@@ -123,6 +123,19 @@ def machine() -> dict[str, Any]:
     }
 
 
+def machine_line() -> str:
+    """:func:`machine` in one line, with the memory: what every benchmark prints first."""
+    m = machine()
+    try:
+        mem = f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
+    except (OSError, ValueError):
+        mem = "unknown memory"
+    return (
+        f"{m['platform']}, {m['processor']}, {m['cpu_count']} CPUs, {mem}, "
+        f"Python {m['python']}, torch {m['torch']} ({m['torch_threads']} threads)"
+    )
+
+
 class OtherLoad:
     """CPU time other processes used while the benchmark ran (Linux: ``/proc/stat``)."""
 

@@ -29,7 +29,6 @@ import argparse
 import copy
 import gc
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -40,26 +39,12 @@ from collections.abc import Callable
 import torch
 
 import featuremaps as fm
+from bench_core import machine_line as machine
 from featuremaps.capture import clear_cache
 
 LAYERS = "stages"
 NAMES = "relu,layer1,layer2,layer3,layer4"
 """What ``stages`` gives for ResNet-50, named: no probing forward is needed."""
-
-
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (
-        f"{platform.platform()}, {cpu}, {os.cpu_count()} CPUs, {mem:.0f} GiB, "
-        f"Python {platform.python_version()}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads)"
-    )
 
 
 def setup(size: int) -> tuple[torch.nn.Module, torch.Tensor]:

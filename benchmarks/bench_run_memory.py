@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from bench_core import machine_line as machine
 
 PEAK = textwrap.dedent(
     """
@@ -38,29 +39,6 @@ PEAK = textwrap.dedent(
             f.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))  # KiB
     """
 )
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        kib = int(Path("/proc/meminfo").read_text().split()[1])
-        mem = f", {kib / 2**20:.0f} GiB"
-    except (OSError, ValueError, IndexError):
-        pass
-    import torch
-
-    return (
-        f"{cpu}, {os.cpu_count()} cores{mem}; Python {platform.python_version()}, "
-        f"torch {torch.__version__}, torch threads {torch.get_num_threads()}"
-    )
 
 
 def make_images(folder: Path, n: int) -> None:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import platform
 import socket
 import subprocess
 import sys
@@ -32,22 +30,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (
-        f"{platform.platform()}, {cpu}, {os.cpu_count()} CPUs, {mem:.0f} GiB, "
-        f"Python {platform.python_version()}"
-    )
+from bench_core import machine_line as machine
 
 
 def jpeg(index: int, megapixels: float, quality: int = 20) -> bytes:

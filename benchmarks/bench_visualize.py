@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -38,30 +37,11 @@ from typing import Any
 
 import torch
 
+from bench_core import machine_line as machine
+
 ROOT = Path(__file__).resolve().parents[1]
 CLOCK = time.perf_counter
 """What the comparison times: elapsed time, or this process's CPU time (``--clock cpu``)."""
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        kb = int(Path("/proc/meminfo").read_text().split()[1])
-        mem = f", {kb / 2**20:.0f} GiB"
-    except (OSError, ValueError, IndexError):
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores{mem}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
-    )
 
 
 def import_lucent() -> Any:
