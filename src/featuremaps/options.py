@@ -128,6 +128,14 @@ class Device(StrEnum):
     MPS = "mps"
 
 
+class Precision(StrEnum):
+    """The forward's precision: ``fp32``, or ``bf16``/``fp16`` under autocast."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
 class PCAComponents(IntEnum):
     """PCA pictures: ``3`` (RGB), ``1`` (gray) or ``0`` (none)."""
 

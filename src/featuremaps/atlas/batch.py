@@ -22,7 +22,6 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -30,18 +29,10 @@ import torch
 
 from ..capture import capture
 from ..models import LoadedModel
+from ..options import Precision
 from ..reduce import PCAAccumulator
 from ..relevance import TargetError, relevance
 from .data import LoadedBatch
-
-
-class Precision(StrEnum):
-    """The forward's precision: ``fp32``, or ``bf16``/``fp16`` under autocast."""
-
-    FP32 = "fp32"
-    BF16 = "bf16"
-    FP16 = "fp16"
-
 
 AUTOCAST_DTYPES = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 """The forward's autocast type of each reduced precision."""

@@ -7,8 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..atlas.batch import Precision
-from ..options import Device, Engine, Score
+from ..options import Device, Engine, Precision, Score
 from ._app import (
     LayersOpt,
     ModelArg,
