@@ -424,8 +424,8 @@ def test_ray_results_are_folded_in_batch_order() -> None:
 def test_covariance_of_large_maps_uses_a_regular_grid_of_pixels() -> None:
     torch.manual_seed(0)
     maps = torch.relu(torch.randn(3, 8, 100, 90)) + 50.0  # a large offset: no cancellation
-    flat = maps.numpy().reshape(3, 8, -1).copy()
-    acc = _covariance(*_pca_pixels(flat, flat.sum(2, dtype=np.float64), (100, 90)))
+    flat = maps.reshape(3, 8, -1).clone()
+    acc = _covariance(*_pca_pixels(flat, flat.sum(2, dtype=torch.float64).numpy(), (100, 90)))
     want = PCAAccumulator(8)
     want.update(maps[:, :, ::2, ::2])  # 9000 pixels: every 2nd row and column
     assert acc.n == want.n == 3 * 50 * 45

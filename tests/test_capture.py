@@ -38,6 +38,54 @@ def test_vgg_inplace_relu_layer_is_preconv_value() -> None:
     assert torch.equal(fm["features.1"], torch.relu(ref))
 
 
+def _count_forwards(model: nn.Module) -> list[int]:
+    calls = [0]
+
+    def pre(module: nn.Module, args: object) -> None:
+        calls[0] += 1
+
+    model.register_forward_pre_hook(pre)
+    return calls
+
+
+def test_copy_false_keeps_outputs_without_copies_where_nothing_changes_them() -> None:
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18().eval()
+    x = torch.randn(2, 3, 64, 64)
+    kept: dict[str, torch.Tensor] = {}
+    for name in ("layer1", "layer3"):  # what the modules returned, held by our own hooks
+        net.get_submodule(name).register_forward_hook(
+            lambda m, i, o, name=name: kept.__setitem__(name, o)
+        )
+    calls = _count_forwards(net)
+    fm = capture(net, x, "layer1,layer3", copy=False)
+    assert calls[0] == 1  # one forward: nothing changed the outputs in place
+    for name in ("layer1", "layer3"):
+        assert fm[name].data_ptr() == kept[name].data_ptr()  # the output itself, no copy
+    want = capture(net, x, "layer1,layer3")
+    for name in ("layer1", "layer3"):
+        assert torch.equal(fm[name], want[name])
+        assert fm[name].data_ptr() != want[name].data_ptr()  # copy=True copies
+
+
+def test_copy_false_sees_an_inplace_change_and_copies_from_then_on() -> None:
+    torch.manual_seed(0)
+    vgg = torchvision.models.vgg11().eval()
+    x = torch.randn(1, 3, 64, 64)
+    ref = vgg.features[0](x)
+    assert (ref < 0).any(), "the check needs negative conv outputs"
+    calls = _count_forwards(vgg)
+    fm = capture(vgg, x, "features.0,features.3", copy=False)
+    # ReLU(inplace=True) changed features.0's output after the hook: the version counter
+    # told, and the forward ran again with copies.
+    assert calls[0] == 2
+    assert torch.equal(fm["features.0"], ref)
+    again = capture(vgg, x, "features.0,features.3", copy=False)
+    assert calls[0] == 3  # remembered: features.0 is copied at once, one forward
+    assert torch.equal(again["features.0"], ref)
+    assert torch.equal(again["features.3"], capture(vgg, x, "features.3")["features.3"])
+
+
 def test_no_hooks_left_after_success_early_stop_and_failure(
     toy: ToyNet, x_small: torch.Tensor
 ) -> None:

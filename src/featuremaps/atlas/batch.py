@@ -267,16 +267,16 @@ def process_batch(
             rel = relevance(module, x, list(spec.names), target=None)
             maps = {name: rel[name].activation for name in spec.names}
         else:
-            fm = capture(module, x, list(spec.names))
+            fm = capture(module, x, list(spec.names), copy=False)  # maps used at once
             maps = {name: fm[name] for name in spec.names}
     flats, sums = [], []
-    for name in spec.names:
+    for name in spec.names:  # torch reductions: they use every intra-op thread
         t = maps[name]
-        if t.dtype in (torch.float16, torch.bfloat16):
+        if t.dtype != torch.float32:
             t = t.float()
-        flat = np.ascontiguousarray(t.numpy()).reshape(t.shape[0], t.shape[1], -1)
+        flat = t.contiguous().reshape(t.shape[0], t.shape[1], -1)
         flats.append(flat)
-        sums.append(flat.sum(2, dtype=np.float64))  # finite iff every value is
+        sums.append(flat.sum(2, dtype=torch.float64).numpy())  # finite iff every value is
     keep = np.logical_and.reduce([np.isfinite(s).all(1) for s in sums])
     reason = {int(i): "its activations hold NaN/Inf values" for i in batch.ids[~keep]}
     if rel is not None:
@@ -289,7 +289,7 @@ def process_batch(
     ids = batch.ids[keep]
     bad.extend(reason.items())
     if len(ids) < len(batch.ids):  # no copy of the maps when every image is kept
-        flats = [f[keep] for f in flats]
+        flats = [f[torch.from_numpy(keep)] for f in flats]
         sums = [s[keep] for s in sums]
     layers = []
     for name, f, s in zip(spec.names, flats, sums, strict=True):
@@ -340,7 +340,7 @@ def _relevance_top(
 
 
 def _layer_partial(
-    flat: np.ndarray,
+    flat: torch.Tensor,
     sums: np.ndarray,
     ids: np.ndarray,
     size: tuple[int, int],
@@ -350,7 +350,7 @@ def _layer_partial(
     """Scores, locations, sums, dead counts and covariance of ``(B, C, H*W)`` maps.
 
     Args:
-        flat: the maps, float32 (overwritten: see :func:`_covariance`).
+        flat: the maps, contiguous float32 (overwritten: see :func:`_covariance`).
         sums: ``(B, C)`` float64 sum of each map.
         ids: the image id of each map.
         size: ``(H, W)`` of the maps.
@@ -361,8 +361,8 @@ def _layer_partial(
     width = size[1]
     if b == 0:
         return LayerPartial.empty(c, top)
-    where = flat.argmax(2)  # the first maximum
-    peak = np.take_along_axis(flat, where[..., None], 2)[..., 0]
+    values, indices = flat.max(2)  # the first maximum
+    peak, where = values.numpy(), indices.numpy()
     scores = peak if score == "max" else (sums / hw).astype(np.float32)
 
     def padded(a: np.ndarray, fill: float) -> np.ndarray:  # for batches of fewer than K
@@ -381,8 +381,8 @@ def _layer_partial(
 
 
 def _pca_pixels(
-    flat: np.ndarray, sums: np.ndarray, size: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
+    flat: torch.Tensor, sums: np.ndarray, size: tuple[int, int]
+) -> tuple[torch.Tensor, np.ndarray]:
     """The pixels the PCA basis is fitted on, and their per-map sums.
 
     Every pixel of maps of up to ``PCA_PIXELS`` pixels; of larger maps (the first stages
@@ -396,11 +396,11 @@ def _pca_pixels(
         return flat, sums
     b, c = flat.shape[:2]
     grid = flat.reshape(b, c, h, w)[:, :, ::step, ::step]
-    sub = np.ascontiguousarray(grid).reshape(b, c, -1)
-    return sub, sub.sum(2, dtype=np.float64)
+    sub = grid.contiguous().reshape(b, c, -1)
+    return sub, sub.sum(2, dtype=torch.float64).numpy()
 
 
-def _covariance(flat: np.ndarray, sums: np.ndarray) -> PCAAccumulator:
+def _covariance(flat: torch.Tensor, sums: np.ndarray) -> PCAAccumulator:
     """The PCA accumulator of ``(B, C, H*W)`` maps whose per-map sums are ``sums``.
 
     ``flat`` may be overwritten (the caller hands over maps it no longer needs).
@@ -416,9 +416,9 @@ def _covariance(flat: np.ndarray, sums: np.ndarray) -> PCAAccumulator:
     low = means.astype(np.float32)
     group = max(1, min(b, -(-_SCATTER_PIXELS // hw)))
     full = b - b % group
-    cosum = _scatter(flat[:full], low[:full], group)
+    cosum = _scatter(flat[:full], torch.from_numpy(low[:full]), group)
     if full < b:
-        cosum += _scatter(flat[full:], low[full:], b - full)
+        cosum += _scatter(flat[full:], torch.from_numpy(low[full:]), b - full)
     m = torch.from_numpy(means)
     cosum.addmm_(m.T, m, alpha=hw)
     acc = PCAAccumulator(0)  # filled below, without allocating a (C, C) zero matrix
@@ -426,20 +426,18 @@ def _covariance(flat: np.ndarray, sums: np.ndarray) -> PCAAccumulator:
     return acc
 
 
-def _scatter(flat: np.ndarray, means: np.ndarray, group: int) -> torch.Tensor:
+def _scatter(flat: torch.Tensor, means: torch.Tensor, group: int) -> torch.Tensor:
     """``sum (x - m)(x - m)^T`` over ``(B, C, HW)`` maps, ``B`` a multiple of ``group``.
 
     Maps of one image per group (the large ones) are centred in place, in ``flat``.
     """
     b, c, hw = flat.shape
     n = b // group
-    centred = flat if group == 1 else np.empty((n, c, group, hw), dtype=np.float32)
-    np.subtract(
-        flat.reshape(n, group, c, hw),
-        means.reshape(n, group, c, 1),
-        out=centred.reshape(n, c, group, hw).transpose(0, 2, 1, 3),
-    )
-    x = torch.from_numpy(centred.reshape(n, c, group * hw))
+    if group == 1:
+        x = flat.sub_(means[..., None])
+    else:  # (n, group, c, hw) -> (n, c, group * hw): the images of a group side by side
+        x = flat.reshape(n, group, c, hw) - means.reshape(n, group, c, 1)
+        x = x.transpose(1, 2).reshape(n, c, group * hw)
     return torch.bmm(x, x.mT).sum(0, dtype=torch.float64)  # bmm: far faster than mm loops
 
 

@@ -35,6 +35,9 @@ class ModelMemo:
     modules: list[tuple[str, weakref.ref[nn.Module]]]
     probes: dict[Any, list[LayerInfo]] = field(default_factory=dict)
     layouts: dict[Any, LayoutRecord] = field(default_factory=dict)
+    modified: set[str] = field(default_factory=set)
+    """Modules whose output a later in-place operation changed (``capture(copy=False)``
+    copies their outputs from then on)."""
 
     def matches(self, named: list[tuple[str, nn.Module]]) -> bool:
         return len(named) == len(self.modules) and all(

@@ -136,6 +136,11 @@ class Capture:
     rest of the forward is handed a clone: an in-place op that follows (VGG's
     ``ReLU(inplace=True)``) changes the clone, never the kept output, so the gradient
     taken with respect to :attr:`raw` is the gradient of what the module returned.
+
+    With ``copy=False`` a CPU output is kept as the module returned it, not copied, and
+    its version counter is noted; :meth:`modified` then says whether a later in-place
+    operation changed one of them (:func:`capture` re-runs the forward with copies when
+    it did, and the model's memo remembers to copy that module's output from then on).
     """
 
     def __init__(
@@ -148,9 +153,12 @@ class Capture:
         eval_mode: bool = True,
         layout: LayoutContext | None = None,
         keep_graph: bool = False,
+        copy: bool = True,
     ) -> None:
         self.model = model
         self.keep_graph = keep_graph
+        self.copy = copy or keep_graph
+        self._lent: list[tuple[str, torch.Tensor, int]] = []
         probe = None
         if needs_probe(layers):
             if example_input is None:
@@ -191,6 +199,7 @@ class Capture:
         self._canonical = canonical_names(self.model, self._modules, self._named)
         self._memo = _memo = memo_for(self.model, self._named)
         self._raw, self._maps, self._record, self._tracker = {}, None, None, None
+        self._lent = []
         self._root_calls, self._stopped = 0, False
         with ExitStack() as stack:
             hooks = stack.enter_context(
@@ -234,7 +243,12 @@ class Capture:
         def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
             if self._root_calls > 1:
                 return None  # a later forward of the model: the maps are those of the first
-            kept = output if self.keep_graph else _copy_output(output)
+            if self.keep_graph:
+                kept = output
+            elif self.copy or self._canonical[base] in self._memo_modified():
+                kept = _copy_output(output)
+            else:
+                kept = map_tensors(output, lambda t: self._lend(base, t))
             self._raw.setdefault(base, []).append(kept)
             plan = self._stop_after
             if plan is not None and all(len(self._raw.get(b, ())) >= n for b, n in plan.items()):
@@ -243,6 +257,27 @@ class Capture:
             return _clone_output(output) if self.keep_graph else None
 
         return hook
+
+    def _memo_modified(self) -> set[str]:
+        return self._memo.modified if self._memo is not None else set()
+
+    def _lend(self, base: str, t: torch.Tensor) -> torch.Tensor:
+        """``t`` itself (detached) when its changes can be seen, else a CPU copy."""
+        if t.device.type != "cpu" or t.is_inference():
+            return t.detach().to("cpu", copy=True)  # no version counter to check
+        kept = t.detach()  # shares the storage and the version counter
+        self._lent.append((base, kept, kept._version))
+        return kept
+
+    def modified(self) -> list[str]:
+        """Modules whose kept output (``copy=False``) an in-place operation changed since.
+
+        Each is also noted in the model's memo, so later captures copy its output.
+        """
+        changed = list(dict.fromkeys(b for b, t, v in self._lent if t._version != v))
+        if changed and self._memo is not None:
+            self._memo.modified.update(self._canonical[b] for b in changed)
+        return changed
 
     def _pre_hook(self, module: nn.Module, args: Any) -> None:
         """The model's own forward starts: note the input, check the kept layouts fit it."""
@@ -423,6 +458,7 @@ def capture(
     *,
     full_forward: bool = False,
     layout: LayoutContext | None = None,
+    copy: bool = True,
 ) -> FeatureMaps:
     """Run ``model`` on ``x`` and return the maps of ``layers``.
 
@@ -435,6 +471,11 @@ def capture(
         full_forward: run the whole model and keep its output in ``.output``; otherwise
             the forward stops after the last requested output (see the module doc).
         layout: overrides for token layouts (grid, prefix tokens).
+        copy: ``False`` keeps CPU outputs as the modules returned them instead of
+            copying each (faster, and the maps may share memory with the model's
+            outputs). PyTorch's version counters tell whether a later in-place operation
+            changed one; the forward then runs again with copies, and later captures of
+            the model copy that module's output from the start.
 
     Returns:
         :class:`FeatureMaps` with ``(B, C, H, W)`` CPU tensors. A module that ran k > 1
@@ -455,19 +496,29 @@ def capture(
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise LayerError(f"input must be a (B, C, H, W) tensor, got {shape}")
     check_input_size(model, x)
-    cap = Capture(model, layers, example_input=x, early_stop=not full_forward, layout=layout)
-    output = None
-    stopped = False
-    with torch.no_grad(), cap:
-        try:
-            output = model(x)
-        except _StopForward:
-            stopped = True
+    for attempt in range(2):
+        cap = Capture(
+            model,
+            layers,
+            example_input=x,
+            early_stop=not full_forward,
+            layout=layout,
+            copy=copy or attempt > 0,
+        )
+        output = None
+        stopped = False
+        with torch.no_grad(), cap:
+            try:
+                output = model(x)
+            except _StopForward:
+                stopped = True
+        if copy or not cap.modified():
+            break  # else: an in-place op changed a kept output; run again with copies
     result = cap.maps
     result.input_shape = tuple(x.shape)
     result.stopped_early = stopped
     if output is not None:
-        result.output = _copy_output(output)
+        result.output = map_tensors(output, lambda t: t.detach().to("cpu", copy=copy))
     return result
 
 
