@@ -168,6 +168,20 @@ def preprocess(
         full: keep the whole image: resize the short side only, no crop.
         size: override the short side after resizing (and the crop size).
     """
+    from torchvision.transforms.v2 import functional as F
+
+    x = F.to_dtype(resized_pixels(img, pp, full=full, size=size), torch.float32, scale=True)
+    return F.normalize(x, list(pp.mean), list(pp.std))
+
+
+def resized_pixels(
+    img: Image.Image, pp: Preprocess, *, full: bool = False, size: int | None = None
+) -> torch.Tensor:
+    """The ``(3, H, W)`` uint8 pixels :func:`preprocess` normalizes (resized, cropped).
+
+    What the model sees before the normalization: crops of it show an input region
+    exactly, with no round trip through floats.
+    """
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
@@ -179,8 +193,7 @@ def preprocess(
         t = F.resize(t, [resize], interpolation=interp, antialias=True)
     if crop:
         t = F.center_crop(t, [crop, crop])
-    x = F.to_dtype(t, torch.float32, scale=True)
-    return F.normalize(x, list(pp.mean), list(pp.std))
+    return t
 
 
 def display_image(x: torch.Tensor, pp: Preprocess) -> np.ndarray:

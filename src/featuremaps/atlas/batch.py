@@ -270,13 +270,13 @@ def process_batch(
             fm = capture(module, x, list(spec.names), copy=False)  # maps used at once
             maps = {name: fm[name] for name in spec.names}
     flats, sums = [], []
-    for name in spec.names:  # torch reductions: they use every intra-op thread
+    for name in spec.names:
         t = maps[name]
         if t.dtype != torch.float32:
             t = t.float()
         flat = t.contiguous().reshape(t.shape[0], t.shape[1], -1)
         flats.append(flat)
-        sums.append(flat.sum(2, dtype=torch.float64).numpy())  # finite iff every value is
+        sums.append(flat.numpy().sum(2, dtype=np.float64))  # finite iff every value is
     keep = np.logical_and.reduce([np.isfinite(s).all(1) for s in sums])
     reason = {int(i): "its activations hold NaN/Inf values" for i in batch.ids[~keep]}
     if rel is not None:
@@ -361,8 +361,8 @@ def _layer_partial(
     width = size[1]
     if b == 0:
         return LayerPartial.empty(c, top)
-    values, indices = flat.max(2)  # the first maximum
-    peak, where = values.numpy(), indices.numpy()
+    where = flat.numpy().argmax(2)  # the first maximum
+    peak = np.take_along_axis(flat.numpy(), where[..., None], 2)[..., 0]
     scores = peak if score == "max" else (sums / hw).astype(np.float32)
 
     def padded(a: np.ndarray, fill: float) -> np.ndarray:  # for batches of fewer than K
@@ -397,7 +397,7 @@ def _pca_pixels(
     b, c = flat.shape[:2]
     grid = flat.reshape(b, c, h, w)[:, :, ::step, ::step]
     sub = grid.contiguous().reshape(b, c, -1)
-    return sub, sub.sum(2, dtype=torch.float64).numpy()
+    return sub, sub.numpy().sum(2, dtype=np.float64)
 
 
 def _covariance(flat: torch.Tensor, sums: np.ndarray) -> PCAAccumulator:
