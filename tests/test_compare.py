@@ -315,8 +315,10 @@ def test_bad_input_is_clear(tmp_path: Path) -> None:
         compare_models(_tiny(0), _tiny(1), data, batch_size=3)
     with pytest.raises(FeatureMapsError, match="--pool 'max'"):
         compare_models(_tiny(0), _tiny(1), data, pool="max")
-    with pytest.raises(FeatureMapsError, match="--engine ray is not available"):
-        compare_models(_tiny(0), _tiny(1), data, engine="ray")
+    with pytest.raises(FeatureMapsError, match=r"--engine 'spark': use local .* or ray"):
+        compare_models(_tiny(0), _tiny(1), data, engine="spark")
+    with pytest.raises(FeatureMapsError, match="--gpus-per-worker -1: use 0 or more"):
+        compare_models(_tiny(0), _tiny(1), data, engine="ray", gpus_per_worker=-1)
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path) -> None:
@@ -492,9 +494,9 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
            "none", "--layers", "fc", "--pool", "none", "--out", str(tmp_path / "o"))  # fmt: skip
     assert r.returncode == 1
     assert "no spatial map" in r.stderr and "Traceback" not in r.stderr
-    r = fm("compare", "resnet18", "resnet18", str(data), "--engine", "ray", "--out",
+    r = fm("compare", "resnet18", "resnet18", str(data), "--engine", "spark", "--out",
            str(tmp_path / "o"))  # fmt: skip
-    assert r.returncode == 1 and "--engine ray is not available" in r.stderr
+    assert r.returncode == 2 and "'spark' is not one of" in r.stderr  # refused by the parser
 
 
 # -- the page in a browser --------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..options import Device
+from ..options import Device, Engine
 from ._app import DeviceOpt, ModelArg, app, err, out, progress_bar
 
 WeightsAOpt = Annotated[
@@ -52,9 +52,18 @@ def compare(
     pool: Annotated[
         str, typer.Option(help="none: flattened C*H*W maps; mean: channel means.")
     ] = "none",
-    engine: Annotated[str, typer.Option(help="local (ray is not available yet).")] = "local",
-    workers: Annotated[int, typer.Option(help="Decoding processes.")] = 2,
+    engine: Annotated[
+        Engine, typer.Option(help="local, or ray (--ray-address, RAY_ADDRESS, or local).")
+    ] = Engine.LOCAL,
+    workers: Annotated[int, typer.Option(help="Decoding processes (ray: model actors).")] = 2,
     device: DeviceOpt = Device.AUTO,
+    gpus_per_worker: Annotated[
+        float | None,
+        typer.Option(help="GPUs per Ray actor [default: 1 where the cluster has GPUs, else 0]."),
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS or local).")
+    ] = None,
     checkpoint_every: Annotated[float, typer.Option(help="Seconds between checkpoints.")] = 60.0,
     restart: Annotated[bool, typer.Option(help="Ignore a checkpoint in --out.")] = False,
 ) -> None:
@@ -80,9 +89,11 @@ def compare(
             weights_b=weights_b,
             batch_size=batch_size,
             pool=pool,
-            engine=engine,
+            engine=str(engine),
             device=device,
             workers=workers,
+            gpus_per_worker=gpus_per_worker,
+            ray_address=ray_address,
             progress=progress,
             checkpoint_seconds=checkpoint_every,
             restart=restart,

@@ -78,6 +78,7 @@ def build_compare(
         kwargs.get("engine", "local"),
         kwargs.get("workers", 2),
         kwargs.get("examples", 4),
+        kwargs.get("gpus_per_worker"),
     )
     folder = prepare_output_dir(out_dir)
     kwargs.setdefault("state_path", folder / STATE_FILE)

@@ -113,6 +113,49 @@ def _self_hsic1(a: _Grams, n: int) -> np.ndarray:
     return ((trace + sums - cross) / (n * (n - 3))).numpy()
 
 
+@dataclass(frozen=True)
+class HSICParts:
+    """What one batch adds to the sums: unbiased HSIC of every pair of layers, ``n`` examples.
+
+    Small (``(n_a, n_b)`` float64), so an engine can compute it where the models run
+    and send only these arrays back to be folded in batch order.
+    """
+
+    cross: np.ndarray  # (n_a, n_b): HSIC1(K_a, L_b)
+    self_a: np.ndarray  # (n_a,): HSIC1(K_a, K_a)
+    self_b: np.ndarray  # (n_b,): HSIC1(L_b, L_b)
+    n: int
+
+
+def hsic_parts(feats_a: Sequence[ArrayLike], feats_b: Sequence[ArrayLike]) -> HSICParts:
+    """The unbiased HSIC terms of one batch: ``feats_a[i]`` is layer ``i`` of model A.
+
+    Raises:
+        ReduceError: batches of different sizes, or fewer than :data:`MIN_BATCH`
+            examples; :class:`NonFiniteFeatures` for NaN or Inf.
+    """
+    xa = [_features(f) for f in feats_a]
+    xb = [_features(f) for f in feats_b]
+    if not xa or not xb:
+        raise ReduceError("compare at least one layer of each model")
+    sizes = {int(x.shape[0]) for x in (*xa, *xb)}
+    if len(sizes) != 1:
+        raise ReduceError(f"every layer must hold the same examples; batch sizes {sizes}")
+    n = sizes.pop()
+    if n < MIN_BATCH:
+        raise ReduceError(
+            f"a batch of {n} example(s): the unbiased HSIC needs at least {MIN_BATCH}"
+        )
+    ga = _Grams(torch.stack([_gram(x) for x in xa]))
+    gb = _Grams(torch.stack([_gram(x) for x in xb]))
+    if not bool(torch.isfinite(ga.k).all() and torch.isfinite(gb.k).all()):
+        raise NonFiniteFeatures("the features hold NaN or Inf (or overflow float64)")
+    parts = (_hsic1(ga, gb, n), _self_hsic1(ga, n), _self_hsic1(gb, n))
+    if not all(np.isfinite(p).all() for p in parts):
+        raise NonFiniteFeatures("the HSIC sums overflow float64")
+    return HSICParts(*parts, n=n)
+
+
 class CKAAccumulator:
     """Minibatch debiased linear CKA between ``n_a`` layers of one model and ``n_b`` of another.
 
@@ -149,28 +192,23 @@ class CKAAccumulator:
             raise ReduceError(
                 f"expected {self.n_a} + {self.n_b} layers, got {len(feats_a)} + {len(feats_b)}"
             )
-        xa = [_features(f) for f in feats_a]
-        xb = [_features(f) for f in feats_b]
-        sizes = {int(x.shape[0]) for x in (*xa, *xb)}
-        if len(sizes) != 1:
-            raise ReduceError(f"every layer must hold the same examples; batch sizes {sizes}")
-        n = sizes.pop()
-        if n < MIN_BATCH:
+        self.add(hsic_parts(feats_a, feats_b))
+
+    def add(self, parts: HSICParts) -> None:
+        """Fold one batch's :func:`hsic_parts` (computed here or elsewhere) into the sums.
+
+        Raises:
+            ReduceError: the parts are of other layer counts.
+        """
+        if parts.cross.shape != (self.n_a, self.n_b):
             raise ReduceError(
-                f"a batch of {n} example(s): the unbiased HSIC needs at least {MIN_BATCH}"
+                f"expected HSIC parts of {self.n_a} x {self.n_b} layers, got {parts.cross.shape}"
             )
-        ga = _Grams(torch.stack([_gram(x) for x in xa]))
-        gb = _Grams(torch.stack([_gram(x) for x in xb]))
-        if not bool(torch.isfinite(ga.k).all() and torch.isfinite(gb.k).all()):
-            raise NonFiniteFeatures("the features hold NaN or Inf (or overflow float64)")
-        parts = (_hsic1(ga, gb, n), _self_hsic1(ga, n), _self_hsic1(gb, n))
-        if not all(np.isfinite(p).all() for p in parts):
-            raise NonFiniteFeatures("the HSIC sums overflow float64")
-        self.cross += parts[0]
-        self.self_a += parts[1]
-        self.self_b += parts[2]
+        self.cross += parts.cross
+        self.self_a += parts.self_a
+        self.self_b += parts.self_b
         self.batches += 1
-        self.examples += n
+        self.examples += parts.n
 
     def matrix(self) -> np.ndarray:
         """The ``(n_a, n_b)`` CKA; NaN where a layer has no variance over the examples.

@@ -22,18 +22,20 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..atlas import SkippedImageWarning, dataset_paths, fixed_size, load_images
-from ..capture import FeatureMaps, capture
+from ..atlas import SkippedImageWarning, dataset_paths, fixed_size
+from ..capture import capture
 from ..errors import FeatureMapsError, Interrupted, LayerError
-from ..images import display_image
-from ..models import LoadedModel, Preprocess, load_model
+from ..models import LoadedModel, load_model
 from ..pipeline import resolve_device
-from .cka import MIN_BATCH, CKAAccumulator, NonFiniteFeatures
+from .batches import Counted
+from .cka import MIN_BATCH, CKAAccumulator
+from .local import local_results
 from .state import CompareState
+from .step import GroupResult, StepSpec
 
 Pool = Literal["none", "mean"]
 POOLS: tuple[str, ...] = ("none", "mean")
-ENGINES: tuple[str, ...] = ("local",)
+ENGINES: tuple[str, ...] = ("local", "ray")
 ESTIMATOR = (
     "debiased linear CKA, minibatch (Nguyen, Raghu & Kornblith 2021): mean unbiased "
     "HSIC_1 over batches, linear kernels"
@@ -119,7 +121,14 @@ class CompareResult:
         }
 
 
-def check_options(batch_size: int, pool: str, engine: str, workers: int, examples: int) -> None:
+def check_options(
+    batch_size: int,
+    pool: str,
+    engine: str,
+    workers: int,
+    examples: int,
+    gpus_per_worker: float | None = None,
+) -> None:
     """Refuse bad options before any model is loaded."""
     if batch_size < MIN_BATCH:
         raise FeatureMapsError(
@@ -130,15 +139,16 @@ def check_options(batch_size: int, pool: str, engine: str, workers: int, example
         raise FeatureMapsError(
             f"--pool {pool!r}: use none (flattened maps) or mean (channel means)"
         )
-    if engine == "ray":
-        raise FeatureMapsError(
-            "--engine ray is not available for compare yet; use --engine local (the "
-            "default), which runs both models in this process"
-        )
     if engine not in ENGINES:
-        raise FeatureMapsError(f"--engine {engine!r}: use local")
+        raise FeatureMapsError(
+            f"--engine {engine!r}: use local (this process) or ray (a Ray cluster)"
+        )
     if workers < 0:
-        raise FeatureMapsError(f"--workers {workers}: use 0 (decode in this process) or more")
+        raise FeatureMapsError(
+            f"--workers {workers}: use 0 (decode in this process) or more (ray: model actors)"
+        )
+    if gpus_per_worker is not None and not gpus_per_worker >= 0:
+        raise FeatureMapsError(f"--gpus-per-worker {gpus_per_worker:g}: use 0 or more")
     if examples < 0:
         raise FeatureMapsError(f"examples {examples}: use 0 or more")
 
@@ -173,98 +183,63 @@ def _check_sizes(a: LoadedModel, b: LoadedModel) -> None:
         )
 
 
-@dataclass
-class _Batch:
-    index: int
-    ids: np.ndarray
-    xa: torch.Tensor
-    xb: torch.Tensor | None  # None: the same as xa
-    bad: list[tuple[int, str]]
-    indices: tuple[int, ...] = ()  # the batches merged into this one (default: index)
-
-    def batches(self) -> tuple[int, ...]:
-        return self.indices or (self.index,)
-
-
-class _Batches(torch.utils.data.Dataset[_Batch]):
-    """Item ``i``: batch ``i`` decoded with each distinct preprocessing."""
+class _Fold:
+    """The driver's side of the pass: folds group results, in batch order, into the state."""
 
     def __init__(
         self,
+        st: CompareState,
         paths: Sequence[str],
-        batch_size: int,
-        pa: Preprocess,
-        pb: Preprocess,
-        pending: Sequence[int] | None = None,
+        examples: int,
+        state_path: Path | None,
+        checkpoint_seconds: float,
+        progress: Progress | None,
+        done: int,
     ) -> None:
-        self.paths = list(paths)
-        self.batch_size = batch_size
-        self.pa, self.pb = pa, pb
-        n = math.ceil(len(self.paths) / batch_size)
-        self.pending = list(range(n)) if pending is None else list(pending)
+        self.st, self.paths, self.examples = st, paths, examples
+        self.state_path, self.checkpoint_seconds = state_path, checkpoint_seconds
+        self.progress, self.done = progress, done
+        self.last_save = time.monotonic()
+        if progress:
+            progress("images", done, len(paths))
 
-    def __len__(self) -> int:
-        return len(self.pending)
+    def want(self) -> int:
+        """Example images still to keep."""
+        return max(0, self.examples - len(self.st.kept))
 
-    def __getitem__(self, item: int) -> _Batch:
-        i = self.pending[item]
-        first = i * self.batch_size
-        paths = self.paths[first : first + self.batch_size]
-        a = load_images(i, first, paths, self.pa)
-        if self.pb == self.pa:
-            return _Batch(i, a.ids, a.x, None, a.bad)
-        b = load_images(i, first, paths, self.pb)
-        keep = np.isin(a.ids, b.ids)  # the same files fail with either preprocessing
-        bad = sorted({*a.bad, *b.bad})
-        ids = a.ids[keep]
-        xb = b.x[torch.from_numpy(np.isin(b.ids, ids))]
-        return _Batch(i, ids, a.x[torch.from_numpy(keep)], xb, bad)
+    def arrived(self, batch: Counted) -> None:
+        """A batch was decoded: warn of its bad files, count it."""
+        for i, msg in batch.bad:
+            warnings.warn(f"skipped {self.paths[i]}: {msg}", SkippedImageWarning, stacklevel=2)
+        self.done += len(batch.ids) + len(batch.bad)
+        if self.progress:
+            self.progress("images", self.done, len(self.paths))
 
-
-def _merge(first: _Batch, second: _Batch) -> _Batch:
-    """Two consecutive batches as one (for a batch too small on its own)."""
-    xb = None
-    if first.xb is not None and second.xb is not None:
-        xb = torch.cat([first.xb, second.xb])
-    return _Batch(
-        first.index,
-        np.concatenate([first.ids, second.ids]),
-        torch.cat([first.xa, second.xa]),
-        xb,
-        [*first.bad, *second.bad],
-        (*first.batches(), *second.batches()),
-    )
-
-
-def _identity(item: Any) -> Any:
-    return item
-
-
-def _loader(dataset: _Batches, workers: int) -> Iterator[_Batch]:
-    yield from torch.utils.data.DataLoader(
-        dataset,
-        batch_size=None,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_identity,
-        prefetch_factor=2 if workers else None,
-    )
-
-
-def features(fm: FeatureMaps, names: Sequence[str], pool: str) -> list[torch.Tensor]:
-    """Per-example features of each layer: ``(B, C·H·W)`` or, with ``mean``, ``(B, C)``."""
-    if pool == "mean":
-        return [fm[n].mean(dim=(2, 3)) for n in names]
-    return [fm[n].reshape(fm[n].shape[0], -1) for n in names]
-
-
-def _finite_rows(feats: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Which examples have finite features in every layer (a float64 sum per row: finite
-    exactly when every float32 value is, and no temporary as large as the features)."""
-    ok = torch.ones(feats[0].shape[0], dtype=torch.bool)
-    for f in feats:
-        ok &= torch.isfinite(f.sum(dim=1, dtype=torch.float64)).cpu()
-    return ok
+    def add(self, r: GroupResult) -> None:
+        """Fold one group: its sums, its skipped files, its examples; checkpoint if due."""
+        st = self.st
+        st.skipped.extend((self.paths[i], msg) for i, msg in r.bad)
+        for i in r.dropped:
+            path = self.paths[int(i)]
+            st.skipped.append((path, "non-finite activations"))
+            warnings.warn(
+                f"skipped {path}: non-finite activations", SkippedImageWarning, stacklevel=2
+            )
+        st.done.update(r.indices)
+        if r.parts is None:
+            st.left_out += r.used
+            return
+        st.acc.add(r.parts)
+        want = self.want()
+        if want > 0 and r.kept:
+            st.kept.extend(r.kept[:want])
+            for maps, got in ((st.maps_a, r.maps_a), (st.maps_b, r.maps_b)):
+                for name, m in zip(maps, got, strict=True):
+                    maps[name].append(m[:want])
+        sp = self.state_path
+        if sp is not None and time.monotonic() - self.last_save >= self.checkpoint_seconds:
+            st.save(sp)
+            self.last_save = time.monotonic()
 
 
 def compare_models(
@@ -282,6 +257,8 @@ def compare_models(
     engine: str = "local",
     device: str = "auto",
     workers: int = 2,
+    gpus_per_worker: float | None = None,
+    ray_address: str | None = None,
     examples: int = 4,
     progress: Progress | None = None,
     state_path: str | os.PathLike[str] | None = None,
@@ -299,9 +276,13 @@ def compare_models(
         batch_size: images per batch of the minibatch estimator (at least 4); with the
             number of images, the result is the full-batch debiased CKA.
         pool: ``none``: the flattened ``C·H·W`` map per image; ``mean``: channel means.
-        engine: ``local`` (the only engine so far).
-        device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
-        workers: decoding processes.
+        engine: ``local`` (this process) or ``ray`` (a pool of Ray actors that read the
+            images and run both models; see :mod:`.ray`). Both fold the same groups in
+            the same order: the same matrix on the same kind of device.
+        device: ``auto``, ``cpu``, ``cuda`` or ``mps`` (the local engine's forwards).
+        workers: decoding processes (local) or model actors (ray; 0 means one).
+        gpus_per_worker: GPUs per Ray actor (``None``: one where the cluster has GPUs).
+        ray_address: the Ray cluster (``None``: ``RAY_ADDRESS``, else a local instance).
         examples: images whose maps are kept for the side-by-side pictures.
         progress: called as ``progress(phase, done, total)``.
         state_path: where to keep a checkpoint (``None``: none); a checkpoint of the same
@@ -323,14 +304,15 @@ def compare_models(
         >>> r.matrix.shape
         (2, 2)
     """
-    check_options(batch_size, pool, engine, workers, examples)
+    check_options(batch_size, pool, engine, workers, examples, gpus_per_worker)
     paths = dataset_paths(data)
     la = model_a if isinstance(model_a, LoadedModel) else load_model(model_a, weights_a)
     lb = model_b if isinstance(model_b, LoadedModel) else load_model(model_b, weights_b)
     la = replace(la, preprocess=fixed_size(la.preprocess))
     lb = replace(lb, preprocess=fixed_size(lb.preprocess))
     _check_sizes(la, lb)
-    dev = resolve_device(device)
+    # with Ray the driver only resolves the layers (on its CPU); the actors pick devices
+    dev = torch.device("cpu") if engine == "ray" else resolve_device(device)
     a = _side(la, layers if layers_a is None else layers_a, "A", dev)
     b = _side(lb, layers if layers_b is None else layers_b, "B", dev)
     n_batches = math.ceil(len(paths) / batch_size)
@@ -363,78 +345,28 @@ def compare_models(
     todo = [i for i in range(n_batches) if i not in st.done]
     resumed = sum(len(paths[i * batch_size : (i + 1) * batch_size]) for i in st.done)
     examples_before = acc.examples
-    done = resumed
-    start = last_save = time.monotonic()
-    if progress:
-        progress("images", done, len(paths))
+    fold = _Fold(st, paths, examples, sp, checkpoint_seconds, progress, resumed)
+    spec = StepSpec(tuple(a.layers), tuple(b.layers), pool, la.preprocess)
+    start = time.monotonic()
+    results: Iterator[GroupResult]
+    if engine == "ray":
+        from .ray import RayOptions, ray_results
 
-    def record_bad(batch: _Batch) -> None:
-        for i, msg in batch.bad:
-            st.skipped.append((paths[i], msg))
-
-    def step(batch: _Batch) -> None:
-        record_bad(batch)
-        xa = batch.xa.to(dev, non_blocking=True)
-        xb = xa if batch.xb is None else batch.xb.to(dev, non_blocking=True)
-        fa = capture(la.module, xa, a.layers)
-        fb = capture(lb.module, xb, b.layers)
-        feats_a, feats_b = features(fa, a.layers, pool), features(fb, b.layers, pool)
-        ok = torch.ones(len(batch.ids), dtype=torch.bool)
-        try:
-            acc.update(feats_a, feats_b)
-        except NonFiniteFeatures:  # rare: find the images, drop them, try again
-            ok = _finite_rows([*feats_a, *feats_b])
-            for j in np.flatnonzero(~ok.numpy()):
-                path = paths[int(batch.ids[j])]
-                st.skipped.append((path, "non-finite activations"))
-                warnings.warn(
-                    f"skipped {path}: non-finite activations", SkippedImageWarning, stacklevel=3
-                )
-            n_ok = int(ok.sum())
-            if n_ok < MIN_BATCH:
-                st.left_out += n_ok
-                st.done.update(batch.batches())
-                return
-            acc.update([f[ok] for f in feats_a], [f[ok] for f in feats_b])
-        st.done.update(batch.batches())
-        want = examples - len(st.kept)
-        if want > 0:
-            rows = torch.nonzero(ok).flatten()[:want]
-            st.kept.extend(display_image(batch.xa[int(r)], la.preprocess) for r in rows)
-            for n in a.layers:
-                st.maps_a[n].append(fa[n][rows].cpu())
-            for n in b.layers:
-                st.maps_b[n].append(fb[n][rows].cpu())
-
-    # One batch of look-ahead: a batch left with fewer than MIN_BATCH readable images
-    # (bad files, the dataset's tail) joins its neighbour instead of being lost. A
-    # checkpoint holds only folded batches, so a resumed run merges the same way.
-    pending: _Batch | None = None
-    dataset = _Batches(paths, batch_size, la.preprocess, lb.preprocess, todo)
+        la.module.cpu()  # the models travel from the CPU
+        lb.module.cpu()
+        options = RayOptions(max(1, workers), gpus_per_worker, ray_address)
+        results = ray_results(
+            la.module, lb.module, paths, batch_size, todo, (la.preprocess, lb.preprocess),
+            spec, options, fold.want, fold.arrived,
+        )  # fmt: skip
+    else:
+        results = local_results(
+            la.module, lb.module, paths, batch_size, todo, (la.preprocess, lb.preprocess),
+            spec, dev, workers, fold.want, fold.arrived,
+        )  # fmt: skip
     try:
-        for batch in _loader(dataset, workers):
-            for i, msg in batch.bad:
-                warnings.warn(f"skipped {paths[i]}: {msg}", SkippedImageWarning, stacklevel=2)
-            if pending is None:
-                pending = batch
-            elif len(pending.ids) < MIN_BATCH or len(batch.ids) < MIN_BATCH:
-                pending = _merge(pending, batch)
-            else:
-                step(pending)
-                pending = batch
-                if sp is not None and time.monotonic() - last_save >= checkpoint_seconds:
-                    st.save(sp)
-                    last_save = time.monotonic()
-            done += len(batch.ids) + len(batch.bad)
-            if progress:
-                progress("images", done, len(paths))
-        if pending is not None:
-            if len(pending.ids) >= MIN_BATCH:
-                step(pending)
-            else:
-                record_bad(pending)
-                st.left_out += len(pending.ids)
-                st.done.update(pending.batches())
+        for result in results:
+            fold.add(result)
     except KeyboardInterrupt:
         if sp is None:
             raise
@@ -442,6 +374,10 @@ def compare_models(
         folded = sum(len(paths[i * batch_size : (i + 1) * batch_size]) for i in st.done)
         where = f"the checkpoint {sp}; run the same command to resume"
         raise Interrupted(folded, len(paths), where) from None
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()  # stop the workers (or the actors) now, not when collected
     seconds = time.monotonic() - start
     if sp is not None:
         st.save(sp)
