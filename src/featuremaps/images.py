@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ._files import describe_os_error
+from ._torchvision import import_torchvision
 from .errors import ImageError
 from .models import Preprocess
 
@@ -168,6 +169,7 @@ def preprocess(
         full: keep the whole image: resize the short side only, no crop.
         size: override the short side after resizing (and the crop size).
     """
+    import_torchvision()
     from torchvision.transforms.v2 import functional as F
 
     x = F.to_dtype(resized_pixels(img, pp, full=full, size=size), torch.float32, scale=True)
@@ -182,6 +184,7 @@ def resized_pixels(
     What the model sees before the normalization: crops of it show an input region
     exactly, with no round trip through floats.
     """
+    import_torchvision()
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 

@@ -32,6 +32,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from ._torchvision import import_torchvision
 from .errors import ModelError, WeightsUnavailableError, suggest
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -98,6 +99,7 @@ class LoadedModel:
 
 def available_models() -> list[str]:
     """Model names accepted without a prefix: the offline model and torchvision's."""
+    import_torchvision()
     import torchvision
 
     return [OFFLINE_MODEL, *torchvision.models.list_models()]
@@ -189,6 +191,7 @@ def _load_lite0(mode: str) -> LoadedModel:
 
 def imagenet_categories() -> list[str]:
     """The 1000 ImageNet class names in torchvision's order."""
+    import_torchvision()
     from torchvision.models import ResNet50_Weights
 
     return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
@@ -198,6 +201,7 @@ def imagenet_categories() -> list[str]:
 
 
 def _load_torchvision(name: str, mode: str) -> LoadedModel:
+    import_torchvision()
     import torchvision
     from torchvision.models import get_model, get_model_weights
 
@@ -250,6 +254,7 @@ def _random_build_kwargs(name: str, preprocess: Preprocess) -> dict[str, Any]:
     with a pretrained backbone (detection, segmentation) get a random backbone too,
     instead of trying to download one.
     """
+    import_torchvision()
     from torchvision.models import get_model_builder
 
     params = inspect.signature(get_model_builder(name)).parameters
@@ -292,6 +297,7 @@ def _torchvision_preprocess(weights: Any) -> Preprocess:
 
 
 def _download_torchvision(name: str, weights: Any) -> nn.Module:
+    import_torchvision()
     from torch.hub import get_dir
     from torchvision.models import get_model
 
@@ -321,6 +327,7 @@ def _load_timm(name: str, mode: str) -> LoadedModel:
     smaller ones) work; at the configured size the output is the same as without them.
     """
     try:
+        import_torchvision()
         import timm
         import timm.data
     except ImportError as exc:
@@ -367,6 +374,7 @@ def _timm_create(name: str, **kwargs: Any) -> nn.Module:
     output at the configured input size unchanged. Architectures without them (CNNs)
     are built plainly.
     """
+    import_torchvision()
     import timm
 
     options: list[dict[str, Any]] = [
@@ -385,6 +393,7 @@ def _timm_create(name: str, **kwargs: Any) -> nn.Module:
 
 def _timm_preprocess(module: nn.Module, name: str) -> Preprocess:
     """The model's own eval transform from timm's data config, as a :class:`Preprocess`."""
+    import_torchvision()
     import timm.data
 
     cfg = timm.data.resolve_model_data_config(module)
@@ -414,6 +423,7 @@ def _timm_pretrained(name: str) -> nn.Module:
         ModelError: timm has no pretrained weights for ``name``.
         WeightsUnavailableError: they are neither cached nor downloadable.
     """
+    import_torchvision()
     import timm.models
 
     try:

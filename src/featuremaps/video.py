@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 
 from ._files import atomic_path, prepare_output_dir, write_json
+from ._torchvision import import_torchvision
 from .errors import FeatureMapsError
 from .pca import (
     Colors,
@@ -525,6 +526,7 @@ def _prepare(
     antialiasing, centre crop, scale, normalize) on the whole batch at once; the frames
     shown are the resized, cropped pixels before normalization.
     """
+    import_torchvision()
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._torchvision import import_torchvision
 from ..errors import FeatureMapsError, suggest
 from ..models import available_models
 from .errors import ApiError
@@ -83,6 +84,8 @@ def too_large(limit: int) -> str:
 def _has_cached_weights(name: str) -> bool:
     """Whether torchvision's pretrained weights of ``name`` are on disk already."""
     from torch.hub import get_dir
+
+    import_torchvision()
     from torchvision.models import get_model_weights
 
     try:
