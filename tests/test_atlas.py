@@ -194,10 +194,12 @@ def test_dataset_pca_basis_matches_brute_force(reference: Path, expected: dict[s
     np.testing.assert_allclose(np.abs(basis.components @ want.components.T), np.eye(3), atol=1e-6)
 
 
-def test_outputs_crops_and_pages(reference: Path) -> None:
+def test_outputs_crops_and_pages(reference: Path, small_model: LoadedModel) -> None:
     doc = json.loads((reference / "atlas.json").read_text())
     layer = doc["layers"][LAYER]
     page = (reference / layer["page"]).read_text()
+    pp = small_model.preprocess
+    mean, std = np.array(pp.mean), np.array(pp.std)
     for ch in layer["channels"][:5]:
         assert len(ch["top"]) == 9
         assert f'id="c{ch["channel"]}"' in page
@@ -206,6 +208,19 @@ def test_outputs_crops_and_pages(reference: Path) -> None:
             with Image.open(reference / e["crop"]) as crop:
                 t, left, b, r = crop_box(e["y"], e["x"], (16.0, 16.0), (SIDE, SIDE))
                 assert crop.size == (r - left, b - t)
+                got = np.asarray(crop.convert("RGB"), dtype=np.float64)
+            # the input region, from the model's input undone independently
+            x = preprocess(load_image(e["image"]), pp).permute(1, 2, 0).numpy()
+            want = (x * std + mean).clip(0, 1)[t:b, left:r] * 255
+            # JPEG keeps the low frequencies of these noisy images: compare 4x4 block means
+            g, w = _block_means(got), _block_means(want)
+            assert np.abs(g - w).mean() < 6
+            assert np.corrcoef(g.ravel(), w.ravel())[0, 1] > 0.9
+
+
+def _block_means(a: np.ndarray, k: int = 4) -> np.ndarray:
+    h, w = a.shape[0] // k * k, a.shape[1] // k * k
+    return a[:h, :w].reshape(h // k, k, w // k, k, -1).mean((1, 3))
     assert 'href="layer3.html"' in (reference / "index.html").read_text()
 
 

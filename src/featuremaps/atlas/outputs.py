@@ -25,13 +25,13 @@ import torch
 from PIL import Image
 
 from .._files import describe_os_error, save_image, write_bytes, write_json
-from ..errors import FeatureMapsError
-from ..images import display_image
+from ..errors import FeatureMapsError, ImageError
+from ..images import resized_pixels
 from ..models import LoadedModel, Preprocess
 from ..reduce import save_bases
 from ..report.html import asset, fill_template
 from .batch import NO_IMAGE, AtlasSpec, LayerMeta
-from .data import Plan, load_images, release_inherited_lock
+from .data import Plan, read_image, release_inherited_lock
 from .state import AtlasState
 from .visuals import Pictures, VisualizeSpec
 
@@ -260,7 +260,9 @@ class _CropWriter(torch.utils.data.Dataset[tuple[int, str]]):
 
     Run by DataLoader workers, so decoding, cutting and JPEG encoding happen in
     parallel; an item returns ``(crops written, error)`` rather than raising, so an
-    output error reaches the driver as one line.
+    output error reaches the driver as one line. The crops are cut from the resized,
+    cropped uint8 pixels the model's input was normalized from, and all of an image's
+    crops are JPEG-encoded in one call (``torchvision.io.encode_jpeg`` on a list).
     """
 
     def __init__(
@@ -276,18 +278,23 @@ class _CropWriter(torch.utils.data.Dataset[tuple[int, str]]):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[int, str]:
-        batch = load_images(i, i, [self.images[i]], self.pp)
-        if len(batch.ids) != 1:  # unreadable since the run: its crops stay missing
+        from torchvision.io import encode_jpeg
+
+        try:
+            pixels = resized_pixels(read_image(self.images[i], self.pp.resize), self.pp)
+        except (ImageError, OSError, ValueError):  # unreadable since the run: no crops
             return 0, ""
-        picture = display_image(batch.x[0], self.pp)
-        size = (picture.shape[0], picture.shape[1])
+        size = (pixels.shape[1], pixels.shape[2])
+        tiles = []
+        for crop in self.crops[i]:
+            t, left, b, r = crop_box(crop.y, crop.x, crop.stride, size)
+            tiles.append(pixels[:, t:b, left:r].contiguous())
         target = None
         try:
-            for crop in self.crops[i]:
-                t, left, b, r = crop_box(crop.y, crop.x, crop.stride, size)
-                tile = Image.fromarray(np.ascontiguousarray(picture[t:b, left:r]))
+            for crop, data in zip(self.crops[i], encode_jpeg(tiles, quality=92), strict=True):
                 target = self.folders[crop.folder] / crop.name
-                tile.save(target, format="JPEG", quality=92)
+                with open(target, "wb") as f:  # a fresh folder: no partial file survives
+                    f.write(data.numpy().tobytes())
         except OSError as exc:
             return 0, describe_os_error(exc, target)
         return len(self.crops[i]), ""
