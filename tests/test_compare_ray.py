@@ -196,3 +196,37 @@ def test_cli_engine_ray_joins_a_cluster(ray_instance: Any, tmp_path: Path) -> No
         layers="layer1,layer3", batch_size=4, pool="mean", workers=0, device="cpu",
     )  # fmt: skip
     np.testing.assert_array_equal(np.array(doc["matrix"], dtype=float), local.matrix)
+
+
+def test_bad_files_cost_one_short_second_pass() -> None:
+    """Readable counts 3, 4, 4, 4, 1: the first pass's rows (0) (1) (2) (3, 4); the local
+    groups (0, 1) (2) (3, 4). Only (0, 1), which also gives the examples, runs again."""
+    from featuremaps.compare.cka import HSICParts
+    from featuremaps.compare.ray import RowResult, _fold_order
+    from featuremaps.compare.step import GroupResult
+
+    paths = [f"{i}.png" for i in range(18)]
+    readable = {0: [1, 2, 3], **{i: list(range(4 * i, 4 * i + 4)) for i in (1, 2, 3)}, 4: [16]}
+    calls: list[list[tuple[tuple[int, ...], int]]] = []
+
+    def run_pass(rows: Any) -> Iterator[RowResult]:
+        calls.append(list(rows))
+        for k, (indices, want) in enumerate(rows):
+            batches = [
+                Counted((i,), np.array(readable[i]), [(0, "bad")] if i == 0 else [])
+                for i in indices
+            ]
+            ids = np.concatenate([b.ids for b in batches])
+            zero = np.zeros(1)
+            parts = HSICParts(np.zeros((1, 1)), zero, zero, len(ids))
+            kept = [np.zeros((1, 1, 3), np.uint8)] * min(want, len(ids))
+            group = GroupResult(indices, ids, [], np.zeros(0, np.int64), parts, want, kept)
+            yield RowResult(k, batches, group if len(ids) >= 4 else None)
+
+    kept: list[np.ndarray] = []
+    out = []
+    for r in _fold_order(run_pass, paths, 4, range(5), lambda: 4 - len(kept), lambda b: None):
+        out.append((r.indices, r.want))
+        kept.extend(r.kept[: 4 - len(kept)])  # as the driver's fold keeps examples
+    assert calls == [[((0,), 4), ((1,), 0), ((2,), 0), ((3, 4), 0)], [((0, 1), 4)]]
+    assert out == [((0, 1), 4), ((2,), 0), ((3, 4), 0)]

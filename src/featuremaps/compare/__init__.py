@@ -2,6 +2,10 @@
 
 * :mod:`.cka`: the debiased linear CKA, accumulated over minibatches (pure numerics).
 * :mod:`.run`: one pass over the data through both models (:func:`compare_models`).
+* :mod:`.batches`, :mod:`.step`: the fixed batches and how small ones are grouped; the
+  engine-neutral step of one group (both forwards, its HSIC terms).
+* :mod:`.local`, :mod:`.ray`: the engines (``--engine local|ray``); the driver folds
+  their results in batch order, so both give the same matrix.
 * :mod:`.joint`: one PCA basis over the same layer of two checkpoints (:func:`joint_pca`).
 * :mod:`.outputs`: ``cka.json``, the heatmap ``cka.png`` and the page ``compare.html``.
 

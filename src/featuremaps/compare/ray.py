@@ -13,7 +13,7 @@ same kind of device; the tests check it on the CPU).
 
 Where bad files leave a batch under ``MIN_BATCH`` readable images, the group the local
 engine would fold (that batch with its neighbour) was not a row; such groups, and any
-whose example maps were not asked for, are computed in a second, short pass after the
+whose example maps were not asked for, are computed in another, short pass after the
 first. The fold waits for them, so nothing is folded out of order.
 
 Nothing assumes the driver's file system: the models reach the actors through the
@@ -263,8 +263,8 @@ def _fold_order(
     """Group the batches as the local engine does and yield each group's result in order.
 
     A group the first pass did not compute as such (bad files moved a boundary) or
-    without the examples the fold needs waits, with every group after it, for a second
-    pass that computes exactly those groups.
+    without the examples the fold needs waits, with every group after it, for another
+    pass that computes those of them it lacks (with the examples each will need).
     """
     results: dict[tuple[int, ...], GroupResult] = {}
     waiting: list[tuple[Counted, bool]] = []
@@ -297,22 +297,26 @@ def _fold_order(
     last = grouper.finish()
     if last is not None:
         yield from offer(last, len(last.ids) >= MIN_BATCH)
-    if not waiting:
-        return
-    w = want()  # no later group needs more examples than the fold needs now
-    redo = [
-        (g.indices, w)
-        for g, enough in waiting
-        if enough and not (g.indices in results and results[g.indices].serves(w))
-    ]
-    for row in run_pass(redo) if redo else ():
-        if row.group is not None:
-            results[row.group.indices] = row.group
-    for group, enough in waiting:
-        r = ready(group, enough)
-        if r is None:
+    while waiting:  # normally one more pass; another only if activations were dropped
+        need = want()
+        redo = []
+        for g, enough in waiting:
+            if not enough:
+                continue
+            r = results.get(g.indices)
+            if r is None or not r.serves(need):
+                redo.append((g.indices, need))
+            need = max(0, need - len(g.ids))  # as if no image is dropped
+        for row in run_pass(redo) if redo else ():
+            if row.group is not None:
+                results[row.group.indices] = row.group
+        folded = 0
+        while waiting and (r := ready(*waiting[0])) is not None:
+            waiting.pop(0)
+            folded += 1
+            yield r
+        if not folded:
             raise FeatureMapsError(
-                f"batches {list(group.indices)} read differently in a second pass "
+                f"batches {list(waiting[0][0].indices)} read differently in another pass "
                 "(did files change during the run?); run the same command again"
             )
-        yield r
