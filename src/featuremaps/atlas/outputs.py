@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import html
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -290,9 +291,10 @@ class _CropWriter(torch.utils.data.Dataset[tuple[int, str]]):
             t, left, b, r = crop_box(crop.y, crop.x, crop.stride, size)
             tiles.append(pixels[:, t:b, left:r].contiguous())
         target = None
+        folders = [str(f) for f in self.folders]  # os-level strings: thousands of files
         try:
             for crop, data in zip(self.crops[i], encode_jpeg(tiles, quality=92), strict=True):
-                target = self.folders[crop.folder] / crop.name
+                target = os.path.join(folders[crop.folder], crop.name)
                 with open(target, "wb") as f:  # a fresh folder: no partial file survives
                     f.write(data.numpy().tobytes())
         except OSError as exc:
