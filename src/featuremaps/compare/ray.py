@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,8 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atlas.engines.ray import _actor_error as actor_error
-from ..atlas.engines.ray import actor_device, gpus_per_actor
+from ..atlas.engines.ray import actor_device, actor_error, connect, gpus_per_actor, import_ray
 from ..errors import FeatureMapsError
 from ..models import Preprocess
 from .batches import Counted, Decoded, Grouper, batch_paths, decode, merge_counted, merge_decoded
@@ -128,32 +126,6 @@ class CompareActor:
         return RowResult(row, [d.counted() for d in decoded], result)
 
 
-def _import_ray() -> Any:
-    try:
-        import ray
-        import ray.data
-    except ImportError as exc:
-        raise FeatureMapsError(
-            "--engine ray needs Ray Data: pip install 'featuremaps[ray]'"
-        ) from exc
-    return ray
-
-
-def _connect(ray: Any, address: str | None) -> bool:
-    """Join the cluster, or start a local instance; whether this call started Ray."""
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    try:
-        if address:
-            ray.init(address=address, logging_level="warning")
-        else:
-            ray.init(include_dashboard=False, logging_level="warning")
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise FeatureMapsError(f"cannot reach the Ray cluster {address!r}: {exc}") from exc
-    return True
-
-
 def _in_row_order(results: Iterator[RowResult]) -> Iterator[RowResult]:
     """Rows in order, whatever order they arrive in (the fold order fixes float sums)."""
     waiting: dict[int, RowResult] = {}
@@ -192,8 +164,8 @@ def ray_results(
     """
     if not pending:
         return
-    ray = _import_ray()
-    started = _connect(ray, options.address)
+    ray = import_ray()
+    started = connect(ray, options.address)
     ctx = ray.data.DataContext.get_current()
     saved = ctx.execution_options.preserve_order, ctx.enable_progress_bars
     ctx.execution_options.preserve_order = True

@@ -157,8 +157,8 @@ def process_group(
     """
     xa = group.xa.to(device, non_blocking=True)
     xb = xa if group.xb is None else group.xb.to(device, non_blocking=True)
-    fa = capture(module_a, xa, list(spec.layers_a))
-    fb = capture(module_b, xb, list(spec.layers_b))
+    fa = capture(module_a, xa, list(spec.layers_a), copy=False)  # features used at once
+    fb = capture(module_b, xb, list(spec.layers_b), copy=False)
     feats_a = features(fa, spec.layers_a, spec.pool)
     feats_b = features(fb, spec.layers_b, spec.pool)
     ok = torch.ones(len(group.ids), dtype=torch.bool)

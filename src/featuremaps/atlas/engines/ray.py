@@ -38,7 +38,8 @@ from ..visuals import VisualizeJob, VisualizeResult, VisualizeSpec, run_job
 from .base import EngineCapabilities, EngineOptions
 
 
-def _import_ray() -> Any:
+def import_ray() -> Any:
+    """Ray with Ray Data, or a message saying how to install it."""
     try:
         import ray
         import ray.data
@@ -47,6 +48,24 @@ def _import_ray() -> Any:
             "--engine ray needs Ray Data: pip install 'featuremaps[ray]'"
         ) from exc
     return ray
+
+
+def connect(ray: Any, address: str | None) -> bool:
+    """Join the cluster at ``address`` (else ``RAY_ADDRESS``), or start a local instance.
+
+    Returns whether this call started Ray (the caller then shuts it down).
+    """
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        if address:
+            ray.init(address=address, logging_level="warning")
+        else:
+            ray.init(include_dashboard=False, logging_level="warning")
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise FeatureMapsError(f"cannot reach the Ray cluster {address!r}: {exc}") from exc
+    return True
 
 
 def default_gpus_per_worker(resources: Mapping[str, float]) -> float:
@@ -138,7 +157,7 @@ class RayEngine:
 
     def __init__(self, options: EngineOptions) -> None:
         self.options = options
-        self.ray = _import_ray()
+        self.ray = import_ray()
 
     def run(
         self, plan: Plan, pending: Sequence[int], loaded: LoadedModel, spec: AtlasSpec
@@ -157,26 +176,14 @@ class RayEngine:
             try:
                 yield from _in_batch_order(results, pending)
             except ray.exceptions.RayError as exc:
-                raise _actor_error(exc) from exc
+                raise actor_error(exc) from exc
         finally:
             ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
             if started:
                 ray.shutdown()
 
     def _connect(self) -> bool:
-        """Join the cluster, or start a local instance; whether this call started Ray."""
-        ray = self.ray
-        if ray.is_initialized():
-            return False
-        address = self.options.address or os.environ.get("RAY_ADDRESS") or None
-        try:
-            if address:
-                ray.init(address=address, logging_level="warning")
-            else:
-                ray.init(include_dashboard=False, logging_level="warning")
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise FeatureMapsError(f"cannot reach the Ray cluster {address!r}: {exc}") from exc
-        return True
+        return connect(self.ray, self.options.address)
 
     def visualize(
         self, loaded: LoadedModel, jobs: Sequence[VisualizeJob], vspec: VisualizeSpec
@@ -199,7 +206,7 @@ class RayEngine:
             try:
                 yield from pool.map(lambda actor, job: actor.run.remote(job, vspec), list(jobs))
             except ray.exceptions.RayError as exc:
-                raise _actor_error(exc) from exc
+                raise actor_error(exc) from exc
         finally:
             for actor in actors:
                 ray.kill(actor)
@@ -241,7 +248,7 @@ class RayEngine:
 _RAISED = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)): (.*)$")
 
 
-def _actor_error(exc: BaseException) -> FeatureMapsError:
+def actor_error(exc: BaseException) -> FeatureMapsError:
     """One line for a failure inside the Ray engine: the actor's own exception.
 
     Ray Data hands back its wrappers (``RayTaskError(UserCodeException)``) whose text
