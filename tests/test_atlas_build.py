@@ -188,10 +188,16 @@ def test_a_full_disk_while_writing_is_one_line(
 def test_a_crop_that_cannot_be_written_is_one_line(
     images: Path, tiny_model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def full(self: Any, fp: Any, *args: Any, **kwargs: Any) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
+    import builtins
 
-    monkeypatch.setattr(Image.Image, "save", full)
+    import featuremaps.atlas.outputs as outputs
+
+    def full(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(file).endswith(".jpg"):  # the crops: the disk fills up
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(outputs, "open", full, raising=False)  # the module's own open()
     out = tmp_path / "out"
     with pytest.raises(FeatureMapsError) as info:
         build_atlas(tiny_model, images, "features.3", out, top=2, workers=0)

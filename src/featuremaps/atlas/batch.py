@@ -253,22 +253,50 @@ def process_batch(
             are then widened to float32 and every statistic is accumulated in float32
             (scores, scatter products) and float64 (sums, covariance), as for ``fp32``.
     """
-    bad = list(batch.bad)
+    return reduce_batch(batch, spec, forward_batch(module, batch, spec, device, precision))
+
+
+@dataclass
+class BatchMaps:
+    """What a batch's forward gave: the maps on the CPU, and the relevance if asked for."""
+
+    maps: dict[str, torch.Tensor]
+    relevance: Any = None
+
+
+def forward_batch(
+    module: torch.nn.Module,
+    batch: LoadedBatch,
+    spec: AtlasSpec,
+    device: torch.device,
+    precision: Precision | str = Precision.FP32,
+) -> BatchMaps:
+    """The first half of :func:`process_batch`: the forward (and backward for relevance)."""
     if len(batch.ids) == 0:
-        empty = [LayerPartial.empty(c, spec.top, spec.relevance) for c in spec.channels]
-        return BatchResult(batch.index, 0, bad, empty)
+        return BatchMaps({})
     x = batch.x.to(device, non_blocking=True)
     autocast: Any = contextlib.nullcontext()
     if precision != "fp32":
         autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES[Precision(precision)])
-    rel = None
     with autocast:
         if spec.relevance:  # one forward and one backward: the maps and their relevance
             rel = relevance(module, x, list(spec.names), target=None)
-            maps = {name: rel[name].activation for name in spec.names}
-        else:
-            fm = capture(module, x, list(spec.names), copy=False)  # maps used at once
-            maps = {name: fm[name] for name in spec.names}
+            return BatchMaps({name: rel[name].activation for name in spec.names}, rel)
+        fm = capture(module, x, list(spec.names), copy=False)  # the maps are used once
+        return BatchMaps({name: fm[name] for name in spec.names})
+
+
+def reduce_batch(batch: LoadedBatch, spec: AtlasSpec, forward: BatchMaps) -> BatchResult:
+    """The second half of :func:`process_batch`: the maps to per-layer partial results.
+
+    Only reads ``forward``'s maps (and overwrites them), so it may run in another thread
+    while the next batch's forward runs.
+    """
+    bad = list(batch.bad)
+    if len(batch.ids) == 0:
+        empty = [LayerPartial.empty(c, spec.top, spec.relevance) for c in spec.channels]
+        return BatchResult(batch.index, 0, bad, empty)
+    maps, rel = forward.maps, forward.relevance
     flats, sums = [], []
     for name in spec.names:
         t = maps[name]

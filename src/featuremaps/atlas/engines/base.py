@@ -2,8 +2,8 @@
 
 An engine turns the pending batches of a :class:`~featuremaps.atlas.data.Plan` into
 :class:`~featuremaps.atlas.batch.BatchResult` objects by calling the engine-neutral
-:func:`~featuremaps.atlas.batch.process_batch` on each, and yields them **in batch
-order** (the driver folds float sums in that order, which is what makes every engine
+:func:`~featuremaps.atlas.batch.process_batch` (or its two halves) on each, and yields
+them **in batch order** (the driver folds float sums in that order, which is what makes every engine
 give the same ``atlas.json`` bit for bit). Likewise :meth:`Engine.visualize` runs the
 jobs of the feature visualizations (``--visualize``), in job order. Where the batches
 run, who decodes the images and on which device is the engine's business; what it can do

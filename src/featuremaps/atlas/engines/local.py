@@ -1,14 +1,20 @@
-"""The local engine: decoding in DataLoader worker processes, the forward in this process."""
+"""The local engine: decoding in DataLoader worker processes, the forward in this process.
+
+Each batch's maps are reduced to partials in a second thread while the next batch's
+forward runs (the reductions are mostly NumPy and release the GIL); results still come
+in batch order, from the same code as every engine's.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from ...models import LoadedModel
 from ...pipeline import resolve_device
-from ..batch import AtlasSpec, BatchResult, process_batch
+from ..batch import AtlasSpec, BatchResult, forward_batch, reduce_batch
 from ..data import Plan, batch_loader
 from ..visuals import VisualizeJob, VisualizeResult, VisualizeSpec, run_job
 from .base import EngineCapabilities, EngineOptions
@@ -42,8 +48,17 @@ class LocalEngine:
         module.to(self.device)
         try:
             loader = batch_loader(plan, pending, loaded.preprocess, self.options.workers)
-            for batch in loader:
-                yield process_batch(module, batch, spec, self.device, self.options.precision)
+            # batch i's maps are reduced in a thread while batch i + 1's forward runs
+            with ThreadPoolExecutor(1, thread_name_prefix="featuremaps-reduce") as pool:
+                previous: Future[BatchResult] | None = None
+                for batch in loader:
+                    maps = forward_batch(module, batch, spec, self.device, self.options.precision)
+                    current = pool.submit(reduce_batch, batch, spec, maps)
+                    if previous is not None:
+                        yield previous.result()
+                    previous = current
+                if previous is not None:
+                    yield previous.result()
         finally:
             module.to(home)
 
