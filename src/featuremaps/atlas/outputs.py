@@ -236,7 +236,7 @@ def write_outputs(
     try:
         pages = write_pages(out, doc, report_url)
         atlas_json = out / "atlas.json"
-        write_json(atlas_json, doc)  # last: its presence says the outputs are complete
+        write_json(atlas_json, doc, indent=None)  # last: says the outputs are complete
     finally:
         cleaner.join()
     return atlas_json, basis_path, pages
