@@ -175,7 +175,7 @@ def test_output_is_checked_before_the_model_loads(
 def test_a_full_disk_while_writing_is_one_line(
     images: Path, tiny_model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def full(path: Any, obj: Any) -> None:
+    def full(path: Any, obj: Any, **kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(outputs_module, "write_json", full)

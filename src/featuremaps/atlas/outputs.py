@@ -262,8 +262,7 @@ class _CropWriter(torch.utils.data.Dataset[tuple[int, str]]):
     Run by DataLoader workers, so decoding, cutting and JPEG encoding happen in
     parallel; an item returns ``(crops written, error)`` rather than raising, so an
     output error reaches the driver as one line. The crops are cut from the resized,
-    cropped uint8 pixels the model's input was normalized from, and all of an image's
-    crops are JPEG-encoded in one call (``torchvision.io.encode_jpeg`` on a list).
+    cropped uint8 pixels the model's input was normalized from.
     """
 
     def __init__(
@@ -279,24 +278,21 @@ class _CropWriter(torch.utils.data.Dataset[tuple[int, str]]):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[int, str]:
-        from torchvision.io import encode_jpeg
-
         try:
             pixels = resized_pixels(read_image(self.images[i], self.pp.resize), self.pp)
         except (ImageError, OSError, ValueError):  # unreadable since the run: no crops
             return 0, ""
-        size = (pixels.shape[1], pixels.shape[2])
-        tiles = []
-        for crop in self.crops[i]:
-            t, left, b, r = crop_box(crop.y, crop.x, crop.stride, size)
-            tiles.append(pixels[:, t:b, left:r].contiguous())
-        target = None
+        picture = pixels.permute(1, 2, 0).numpy()  # (H, W, 3) uint8, a view
+        size = (picture.shape[0], picture.shape[1])
         folders = [str(f) for f in self.folders]  # os-level strings: thousands of files
+        target = None
         try:
-            for crop, data in zip(self.crops[i], encode_jpeg(tiles, quality=92), strict=True):
+            for crop in self.crops[i]:
+                t, left, b, r = crop_box(crop.y, crop.x, crop.stride, size)
+                tile = Image.fromarray(np.ascontiguousarray(picture[t:b, left:r]))
                 target = os.path.join(folders[crop.folder], crop.name)
                 with open(target, "wb") as f:  # a fresh folder: no partial file survives
-                    f.write(data.numpy().tobytes())
+                    tile.save(f, format="JPEG", quality=92)
         except OSError as exc:
             return 0, describe_os_error(exc, target)
         return len(self.crops[i]), ""
