@@ -10,10 +10,12 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 import featuremaps
+from featuremaps.images import sample_image
 
 HEAVY = ("torch", "torchvision", "numpy", "scipy", "matplotlib", "PIL", "sklearn", "timm")
 
@@ -21,12 +23,9 @@ HEAVY = ("torch", "torchvision", "numpy", "scipy", "matplotlib", "PIL", "sklearn
 def _loaded_after(code: str) -> dict[str, object]:
     """Run ``code`` in a fresh interpreter; return the JSON it prints last."""
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300
     )
+    assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
@@ -48,6 +47,7 @@ def test_command_line_help_loads_no_heavy_module(argv: list[str]) -> None:
         f"""
         import json, sys
         from featuremaps.cli import main
+        code = 0
         try:
             main({argv!r})
         except SystemExit as exc:
@@ -121,3 +121,36 @@ def test_functions_named_like_their_module_stay_functions() -> None:
 def test_unknown_attribute_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no_such_name"):
         featuremaps.no_such_name  # noqa: B018
+
+
+def test_stored_colormaps_equal_matplotlibs() -> None:
+    from featuremaps._colormaps import BUILTIN, builtin_lut, from_matplotlib
+    from featuremaps.options import REPORT_CMAPS
+
+    assert set(BUILTIN) == set(REPORT_CMAPS)
+    for name in REPORT_CMAPS:
+        stored = builtin_lut(name)
+        assert stored is not None and stored.shape == (256, 3)
+        assert (stored == from_matplotlib(name)).all(), name
+    assert builtin_lut("cividis") is None
+
+
+def test_a_run_draws_without_matplotlib(tmp_path: Path) -> None:
+    """The default colormap's grid and the PCA panel need no matplotlib, nor dynamo."""
+    found = _loaded_after(
+        f"""
+        import json, sys
+        from featuremaps.cli import main
+        code = 0
+        try:
+            main(["run", "resnet18", {str(sample_image("cat"))!r}, "--weights", "none",
+                  "--layers", "layer1,layer2", "--max-maps", "8", "--out", {str(tmp_path)!r}])
+        except SystemExit as exc:
+            code = exc.code
+        print()
+        print(json.dumps({{"code": code, "matplotlib": "matplotlib" in sys.modules,
+                          "dynamo": "torch._dynamo" in sys.modules}}))
+        """
+    )
+    assert found == {"code": 0, "matplotlib": False, "dynamo": False}
+    assert (tmp_path / "manifest.json").is_file()

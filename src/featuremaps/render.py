@@ -50,11 +50,16 @@ assert _TEXT + _TEXT_SHADES == 256
 
 @lru_cache(maxsize=32)
 def colormap_lut(name: str = "viridis") -> np.ndarray:
-    """A ``(256, 3)`` uint8 lookup table of a matplotlib colormap."""
-    import matplotlib
+    """A ``(256, 3)`` uint8 lookup table of a matplotlib colormap.
 
-    cmap = matplotlib.colormaps[check_cmap(name, "colormap")]
-    lut = (cmap(np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
+    The offered colormaps' tables are stored (:mod:`featuremaps._colormaps`), so the
+    common case does not import matplotlib.
+    """
+    from ._colormaps import builtin_lut, from_matplotlib
+
+    lut = builtin_lut(name)
+    if lut is None:
+        lut = from_matplotlib(check_cmap(name, "colormap"))
     lut.setflags(write=False)
     return lut
 
