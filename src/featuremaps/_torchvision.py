@@ -17,6 +17,11 @@ compiling, so the function runs as is) and ``torch._dynamo.utils`` (its
 (a torchvision that imports more of ``torch._dynamo``) makes it import torchvision the
 ordinary way. ``FEATUREMAPS_EAGER_DYNAMO=1`` turns the stand-ins off.
 
+The window is once per process and a fraction of a second, but ``sys.modules`` is
+shared: another thread importing ``torch._dynamo`` during it would get the stand-in. A
+program that compiles in threads while featuremaps first loads a model should import
+``torch._dynamo`` first (then the stand-ins are not used) or set the variable above.
+
 Every featuremaps module that needs torchvision calls :func:`import_torchvision` before
 ``from torchvision... import``; the first import in a process is the one that counts.
 """
