@@ -16,6 +16,7 @@ import torch
 
 from featuremaps import FeatureMapsError, LoadedModel, capture
 from featuremaps.atlas import (
+    BatchResult,
     Engine,
     EngineOptions,
     LoadedBatch,
@@ -212,3 +213,55 @@ def test_an_actor_failure_is_one_line(tmp_path: Path) -> None:
     message = str(info.value)
     assert message.startswith("the Ray engine failed: RuntimeError: the forward failed")
     assert "\n" not in message
+
+
+def _toy_images(folder: Path, n: int) -> list[str]:
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return sorted(str(p) for p in folder.iterdir())
+
+
+def test_local_engine_overlaps_only_on_a_gpu_and_both_loops_agree(
+    tiny_model: LoadedModel, tmp_path: Path
+) -> None:
+    from featuremaps.atlas import Plan
+    from featuremaps.atlas.data import fixed_size
+
+    engine = LocalEngine(EngineOptions(device="cpu", workers=0))
+    assert engine.overlap is False  # on the CPU the forward already uses every core
+    loaded = LoadedModel(tiny_model.module, fixed_size(tiny_model.preprocess), "toy", "random")
+    spec = AtlasSpec(("features.1", "features.4"), (8, 16), "max", 2)
+    plan = Plan(tuple(_toy_images(tmp_path / "data", 7)), 3)  # batches of 3, 3 and 1
+    serial = [r.to_bytes() for r in engine.run(plan, range(plan.n_batches), loaded, spec)]
+    engine.overlap = True  # the GPU's loop, run here on the CPU
+    overlapped = [r.to_bytes() for r in engine.run(plan, range(plan.n_batches), loaded, spec)]
+    assert len(serial) == 3 and serial == overlapped
+    assert [BatchResult.from_bytes(b).index for b in serial] == [0, 1, 2]
+
+
+def test_a_batch_reduces_the_same_whatever_the_number_of_threads(
+    tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import featuremaps.atlas.batch as batch_mod
+
+    spec = AtlasSpec(("features.1", "features.3", "features.4"), (8, 16, 16), "max", 2)
+    cpu = torch.device("cpu")
+    results = []
+    for threads in (1, 3):
+        with ThreadPoolExecutor(threads, initializer=batch_mod._one_thread) as pool:
+            monkeypatch.setattr(batch_mod, "_POOL", pool)
+            results.append(process_batch(tiny_model.module, _batch(5), spec, cpu).to_bytes())
+    assert results[0] == results[1]
+    layers = BatchResult.from_bytes(results[0]).layers
+    assert [p.scores.shape[0] for p in layers] == [8, 16, 16]  # in the spec's order
+    with torch.no_grad():  # independent: each layer's per-channel sums over the batch
+        maps = capture(tiny_model.module, _batch(5).x, list(spec.names), copy=True)
+    for name, part in zip(spec.names, layers, strict=True):
+        expected = maps[name].double().sum((0, 2, 3)).numpy()
+        np.testing.assert_allclose(part.total, expected, rtol=1e-9)

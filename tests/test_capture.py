@@ -13,6 +13,7 @@ from torch import nn
 
 from conftest import FailingNet, ToyNet, hooks_left
 from featuremaps import Capture, LayerError, capture, list_layers
+from featuremaps.capture.select import resolve_layers
 
 
 def test_values_equal_module_output_despite_inplace_relu(
@@ -190,6 +191,26 @@ def test_globs_and_presets() -> None:
     assert all(fm.info[n].module_type == "Conv2d" for n in fm)
     with pytest.raises(LayerError, match="matches no layer"):
         capture(net, x, "block*")
+
+
+def test_bare_indices_after_a_numbered_child_name_its_siblings() -> None:
+    torch.manual_seed(0)
+    vgg = torchvision.models.vgg11().eval()
+    x = torch.randn(1, 3, 32, 32)
+    fm = capture(vgg, x, "features.0,3,6,8")
+    assert list(fm) == ["features.0", "features.3", "features.6", "features.8"]
+    full = capture(vgg, x, "features.0,features.3,features.6,features.8")
+    assert all(torch.equal(fm[n], full[n]) for n in full)
+    names = resolve_layers(vgg, "features.0,classifier.0,3")  # the latest name counts
+    assert names == ["features.0", "classifier.0", "classifier.3"]
+    with pytest.raises(LayerError, match="unknown layer '99'"):
+        capture(vgg, x, "features.0,99")
+    with pytest.raises(LayerError, match="unknown layer '3'"):
+        capture(vgg, x, "features,3")  # only after a numbered child
+    # a top-level nn.Sequential: a bare index that is a module stays that module
+    seq = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Sequential(nn.ReLU(), nn.ReLU()))
+    assert list(capture(seq, x, "2.0,1")) == ["2.0", "1"]
+    assert list(capture(seq, x, "1,2.1")) == ["1", "2.1"]
 
 
 def test_vgg_stages_end_with_features_not_head_pooling() -> None:

@@ -20,7 +20,10 @@ import contextlib
 import io
 import json
 import math
+import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -290,21 +293,25 @@ def reduce_batch(batch: LoadedBatch, spec: AtlasSpec, forward: BatchMaps) -> Bat
     """The second half of :func:`process_batch`: the maps to per-layer partial results.
 
     Only reads ``forward``'s maps (and overwrites them), so it may run in another thread
-    while the next batch's forward runs.
+    while the next batch's forward runs. The layers are reduced side by side by the
+    threads of :func:`reduce_pool`, each computing with one PyTorch thread: the result
+    does not depend on how many there are.
     """
     bad = list(batch.bad)
     if len(batch.ids) == 0:
         empty = [LayerPartial.empty(c, spec.top, spec.relevance) for c in spec.channels]
         return BatchResult(batch.index, 0, bad, empty)
     maps, rel = forward.maps, forward.relevance
-    flats, sums = [], []
-    for name in spec.names:
+    pool = reduce_pool()
+
+    def flat_and_sums(name: str) -> tuple[torch.Tensor, np.ndarray]:
         t = maps[name]
         if t.dtype != torch.float32:
             t = t.float()
         flat = t.contiguous().reshape(t.shape[0], t.shape[1], -1)
-        flats.append(flat)
-        sums.append(flat.numpy().sum(2, dtype=np.float64))  # finite iff every value is
+        return flat, flat.numpy().sum(2, dtype=np.float64)  # finite iff every value is
+
+    flats, sums = (list(x) for x in zip(*pool.map(flat_and_sums, spec.names), strict=True))
     keep = np.logical_and.reduce([np.isfinite(s).all(1) for s in sums])
     reason = {int(i): "its activations hold NaN/Inf values" for i in batch.ids[~keep]}
     if rel is not None:
@@ -319,15 +326,55 @@ def reduce_batch(batch: LoadedBatch, spec: AtlasSpec, forward: BatchMaps) -> Bat
     if len(ids) < len(batch.ids):  # no copy of the maps when every image is kept
         flats = [f[torch.from_numpy(keep)] for f in flats]
         sums = [s[keep] for s in sums]
-    layers = []
-    for name, f, s in zip(spec.names, flats, sums, strict=True):
+
+    def layer(li: int) -> LayerPartial:
+        name = spec.names[li]
         size = (maps[name].shape[-2], maps[name].shape[-1])
         # first: the activation partial overwrites the maps (which rel shares)
         rtop = None if rel is None else _relevance_top(rel[name], rel.targets, keep, ids, spec.top)
-        part = _layer_partial(f, s, ids, size, spec.top, spec.activation_score)
+        part = _layer_partial(flats[li], sums[li], ids, size, spec.top, spec.activation_score)
         part.relevance = rtop
-        layers.append(part)
-    return BatchResult(batch.index, len(ids), sorted(bad), layers)
+        return part
+
+    # the largest maps first, so that the last layer to start is a small one
+    order = sorted(range(len(spec.names)), key=lambda li: -flats[li].numel())
+    done = dict(zip(order, pool.map(layer, order), strict=True))
+    return BatchResult(batch.index, len(ids), sorted(bad), [done[li] for li in range(len(order))])
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)  # per thread (OpenMP's setting is the calling thread's)
+
+
+def reduce_pool() -> ThreadPoolExecutor:
+    """The threads that reduce a batch's layers, one per PyTorch thread of the process.
+
+    Created on first use with as many threads as ``torch.get_num_threads()`` then gives;
+    each computes with a single PyTorch thread, so on a CPU the reduction of a batch
+    uses every core (NumPy's reductions release the GIL) without oversubscribing them,
+    and every partial is computed the same way whatever the number of threads.
+    """
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(
+                max(1, torch.get_num_threads()),
+                thread_name_prefix="featuremaps-reduce",
+                initializer=_one_thread,
+            )
+        return _POOL
+
+
+def _forget_pool() -> None:  # a forked child has none of its parent's threads
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _relevance_top(

@@ -7,7 +7,10 @@ What a user may type in ``--layers`` (or pass as ``layers=``), comma-separated:
 * one call of a module that runs several times in one forward (``layer1.0.relu:2``,
   ``body:2[pool]``); the name alone gives every call;
 * a glob over module names (``layer*``, ``features.*``, ``**.relu``);
-* a preset (``stages``, ``blocks``, ``convs``), resolved from one probing forward.
+* a preset (``stages``, ``blocks``, ``convs``), resolved from one probing forward;
+* a bare index after a numbered child, for its sibling: ``features.0,3,6`` is
+  ``features.0,features.3,features.6`` (a bare index that is a module name itself, as in
+  a top-level ``nn.Sequential``, stays that module).
 
 Each becomes a :class:`Selection`. ``featuremaps layers MODEL`` lists the names exactly as
 they are typed here.
@@ -367,9 +370,23 @@ def select_layers(
         raise LayerError("no layers requested. List them with: featuremaps layers MODEL")
     modules = module_names(model)
     out: list[Selection] = []
+    previous = ""
     for req in requests:
+        req = _sibling(req, previous, modules)
         out.extend(s for s in _one_request(model, req, modules, probe) if s not in out)
+        previous = req
     return out
+
+
+def _sibling(req: str, previous: str, modules: dict[str, nn.Module]) -> str:
+    """``3`` after ``features.0`` is ``features.3``, if that is a module and ``3`` is not."""
+    if not req.isdigit() or req in modules or "." not in previous:
+        return req
+    parent, last = previous.rsplit(".", 1)
+    if not re.match(r"\d+(?::\d+)?$", last):  # only after a numbered child
+        return req
+    name = f"{parent}.{req}"
+    return name if name in modules else req
 
 
 def resolve_layers(

@@ -1,8 +1,11 @@
 """The local engine: decoding in DataLoader worker processes, the forward in this process.
 
-Each batch's maps are reduced to partials in a second thread while the next batch's
-forward runs (the reductions are mostly NumPy and release the GIL); results still come
-in batch order, from the same code as every engine's.
+On a GPU, each batch's maps are reduced to partials in a second thread while the next
+batch's forward runs on the device. On the CPU the forward already keeps every core
+busy, so a batch is reduced after its forward, its layers side by side on every core
+(:func:`~featuremaps.atlas.batch.reduce_pool`): overlapping the two there only makes
+them compete (measured in ``benchmarks/bench_atlas.py``). Results come in batch order,
+from the same code as every engine's.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class LocalEngine:
     def __init__(self, options: EngineOptions) -> None:
         self.options = options
         self.device = resolve_device(options.device)  # raises for a missing device
+        self.overlap = self.device.type != "cpu"
+        """Reduce batch i in a second thread during batch i + 1's forward (on a GPU)."""
 
     def run(
         self, plan: Plan, pending: Sequence[int], loaded: LoadedModel, spec: AtlasSpec
@@ -48,8 +53,13 @@ class LocalEngine:
         module.to(self.device)
         try:
             loader = batch_loader(plan, pending, loaded.preprocess, self.options.workers)
+            if not self.overlap:
+                for batch in loader:
+                    maps = forward_batch(module, batch, spec, self.device, self.options.precision)
+                    yield reduce_batch(batch, spec, maps)
+                return
             # batch i's maps are reduced in a thread while batch i + 1's forward runs
-            with ThreadPoolExecutor(1, thread_name_prefix="featuremaps-reduce") as pool:
+            with ThreadPoolExecutor(1, thread_name_prefix="featuremaps-overlap") as pool:
                 previous: Future[BatchResult] | None = None
                 for batch in loader:
                     maps = forward_batch(module, batch, spec, self.device, self.options.precision)
