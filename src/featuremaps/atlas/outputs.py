@@ -282,14 +282,14 @@ class _CropWriter(torch.utils.data.Dataset[tuple[int, str]]):
             pixels = resized_pixels(read_image(self.images[i], self.pp.resize), self.pp)
         except (ImageError, OSError, ValueError):  # unreadable since the run: no crops
             return 0, ""
-        picture = pixels.permute(1, 2, 0).numpy()  # (H, W, 3) uint8, a view
-        size = (picture.shape[0], picture.shape[1])
+        picture = Image.fromarray(pixels.permute(1, 2, 0).numpy())  # (H, W, 3) uint8
+        size = (picture.height, picture.width)
         folders = [str(f) for f in self.folders]  # os-level strings: thousands of files
         target = None
         try:
             for crop in self.crops[i]:
                 t, left, b, r = crop_box(crop.y, crop.x, crop.stride, size)
-                tile = Image.fromarray(np.ascontiguousarray(picture[t:b, left:r]))
+                tile = picture.crop((left, t, r, b))
                 target = os.path.join(folders[crop.folder], crop.name)
                 with open(target, "wb") as f:  # a fresh folder: no partial file survives
                     tile.save(f, format="JPEG", quality=92)
