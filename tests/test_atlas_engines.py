@@ -258,6 +258,10 @@ def test_a_batch_reduces_the_same_whatever_the_number_of_threads(
             monkeypatch.setattr(batch_mod, "_POOL", pool)
             results.append(process_batch(tiny_model.module, _batch(5), spec, cpu).to_bytes())
     assert results[0] == results[1]
+    monkeypatch.setattr(batch_mod, "_POOL", None)  # the process's own pool, made on use
+    before = torch.get_num_threads()
+    assert process_batch(tiny_model.module, _batch(5), spec, cpu).to_bytes() == results[0]
+    assert torch.get_num_threads() == before  # the pool's one-thread setting stays its own
     layers = BatchResult.from_bytes(results[0]).layers
     assert [p.scores.shape[0] for p in layers] == [8, 16, 16]  # in the spec's order
     with torch.no_grad():  # independent: each layer's per-channel sums over the batch
