@@ -34,10 +34,9 @@ import torchvision
 from bench_atlas import make_images
 from bench_core import OtherLoad, machine, wait_for_idle
 from featuremaps.atlas import dataset_paths, fixed_size
-from featuremaps.atlas.data import release_inherited_lock
 from featuremaps.compare import compare_models
 from featuremaps.compare.batches import n_batches
-from featuremaps.compare.local import _Batches
+from featuremaps.compare.local import decoded_batches
 from featuremaps.models import LoadedModel, load_model
 
 
@@ -47,15 +46,8 @@ def bare_forwards(
     """Images per second of both models' plain forwards, loaded as compare loads them."""
     pa, pb = fixed_size(a.preprocess), fixed_size(b.preprocess)
     paths = dataset_paths(data)
-    batches = _Batches(paths, batch_size, pa, pb, range(n_batches(paths, batch_size)))
-    loader = torch.utils.data.DataLoader(  # as compare's local engine makes it
-        batches,
-        batch_size=None,
-        num_workers=workers,
-        collate_fn=lambda item: item,
-        prefetch_factor=2 if workers else None,
-        worker_init_fn=release_inherited_lock,
-    )
+    pending = range(n_batches(paths, batch_size))
+    loader = decoded_batches(paths, batch_size, pending, (pa, pb), workers)  # as compare's
     n = 0
     start = time.perf_counter()
     with torch.no_grad():

@@ -111,6 +111,18 @@ def test_bad_engine_options_fail_before_any_work(
     assert not (tmp_path / "out").exists()
 
 
+def _toy_images(folder: Path, n: int, side: int = 40, seed: int = 2) -> list[str]:
+    """``n`` random-noise PNGs of ``side`` pixels in a new ``folder``; their paths."""
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    return sorted(str(p) for p in folder.iterdir())
+
+
 def _batch(n: int = 3) -> LoadedBatch:
     torch.manual_seed(4)
     return LoadedBatch(0, np.arange(n, dtype=np.int64), torch.randn(n, 3, 32, 32), [])
@@ -151,13 +163,8 @@ def test_fp32_is_the_default_and_bitwise_unchanged(tiny_model: LoadedModel) -> N
 
 
 def test_atlas_in_bf16_through_the_local_engine(tiny_model: LoadedModel, tmp_path: Path) -> None:
-    from PIL import Image
-
     data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(5):
-        Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    _toy_images(data, 5, side=36, seed=1)
     result = build_atlas(
         tiny_model, data, "features.3", tmp_path / "out", top=2, workers=0, precision="bf16"
     )
@@ -213,16 +220,6 @@ def test_an_actor_failure_is_one_line(tmp_path: Path) -> None:
     message = str(info.value)
     assert message.startswith("the Ray engine failed: RuntimeError: the forward failed")
     assert "\n" not in message
-
-
-def _toy_images(folder: Path, n: int) -> list[str]:
-    from PIL import Image
-
-    folder.mkdir()
-    rng = np.random.default_rng(2)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return sorted(str(p) for p in folder.iterdir())
 
 
 def test_local_engine_overlaps_only_on_a_gpu_and_both_loops_agree(

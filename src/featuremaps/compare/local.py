@@ -47,6 +47,25 @@ def _identity(item: Any) -> Any:
     return item
 
 
+def decoded_batches(
+    paths: Sequence[str],
+    batch_size: int,
+    pending: Sequence[int],
+    pps: tuple[Preprocess, Preprocess],
+    workers: int,
+) -> torch.utils.data.DataLoader[Decoded]:
+    """The ``pending`` batches decoded for both models by ``workers`` processes, in order."""
+    return torch.utils.data.DataLoader(
+        _Batches(paths, batch_size, pps[0], pps[1], pending),
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_identity,
+        prefetch_factor=2 if workers else None,
+        worker_init_fn=release_inherited_lock,
+    )
+
+
 def local_results(
     module_a: torch.nn.Module,
     module_b: torch.nn.Module,
@@ -67,15 +86,7 @@ def local_results(
     is asked, just before each group runs, how many example images the fold still
     needs. Closing the generator early stops the workers.
     """
-    loader = torch.utils.data.DataLoader(
-        _Batches(paths, batch_size, pps[0], pps[1], pending),
-        batch_size=None,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_identity,
-        prefetch_factor=2 if workers else None,
-        worker_init_fn=release_inherited_lock,
-    )
+    loader = decoded_batches(paths, batch_size, pending, pps, workers)
     grouper: Grouper[Decoded] = Grouper(lambda g: len(g.ids), merge_decoded)
     for batch in loader:
         ready = grouper.push(batch)
