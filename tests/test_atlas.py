@@ -29,7 +29,7 @@ from featuremaps.atlas import (
     crop_box,
     dataset_paths,
 )
-from featuremaps.atlas.batch import _covariance, _pca_pixels, _top_k
+from featuremaps.atlas.batch import PCA_PIXELS, _covariance, _pca_pixels, _top_k, map_sums
 from featuremaps.cli import main
 from featuremaps.images import load_image, preprocess
 from featuremaps.reduce import PCAAccumulator, load_bases
@@ -442,10 +442,29 @@ def test_covariance_of_large_maps_uses_a_regular_grid_of_pixels() -> None:
     flat = maps.reshape(3, 8, -1).clone()
     acc = _covariance(*_pca_pixels(flat, flat.sum(2, dtype=torch.float64).numpy(), (100, 90)))
     want = PCAAccumulator(8)
-    want.update(maps[:, :, ::2, ::2])  # 9000 pixels: every 2nd row and column
-    assert acc.n == want.n == 3 * 50 * 45
+    assert PCA_PIXELS == 256  # 9000 pixels: every 6th row and column, 17 x 15 = 255
+    want.update(maps[:, :, ::6, ::6])
+    assert acc.n == want.n == 3 * 17 * 15
     np.testing.assert_allclose(acc.sum, want.sum, rtol=1e-12)
     np.testing.assert_allclose(acc.cosum, want.cosum, rtol=1e-9)
+
+
+def test_map_sums_of_large_maps_are_close_to_float64_and_catch_overflow() -> None:
+    torch.manual_seed(1)
+    small = torch.rand(2, 3, PCA_PIXELS)  # up to PCA_PIXELS pixels: float64, exactly
+    np.testing.assert_array_equal(map_sums(small), small.numpy().sum(2, dtype=np.float64))
+    big = torch.relu(torch.randn(2, 3, 112 * 112)) * 7.0
+    want = big.numpy().astype(np.float64).sum(2)
+    got = map_sums(big)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_array_equal(map_sums(big, exact=True), big.numpy().sum(2, dtype=np.float64))
+    huge = torch.full((1, 2, 4 * PCA_PIXELS), 3e37)  # float32 overflows, float64 does not
+    np.testing.assert_allclose(map_sums(huge), 3e37 * 4 * PCA_PIXELS, rtol=1e-6)
+    bad = big.clone()
+    bad[1, 2, 5] = float("nan")
+    finite = np.isfinite(map_sums(bad))
+    assert not finite[1, 2] and finite.sum() == 5
 
 
 def test_crop_box_is_centred_and_clipped() -> None:

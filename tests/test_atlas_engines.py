@@ -265,4 +265,6 @@ def test_a_batch_reduces_the_same_whatever_the_number_of_threads(
         maps = capture(tiny_model.module, _batch(5).x, list(spec.names), copy=True)
     for name, part in zip(spec.names, layers, strict=True):
         expected = maps[name].double().sum((0, 2, 3)).numpy()
-        np.testing.assert_allclose(part.total, expected, rtol=1e-9)
+        # per-map sums: float64 up to PCA_PIXELS pixels, float32 (then widened) beyond
+        exact = maps[name].shape[2] * maps[name].shape[3] <= batch_mod.PCA_PIXELS
+        np.testing.assert_allclose(part.total, expected, rtol=1e-9 if exact else 1e-6)
