@@ -24,6 +24,7 @@ from featuremaps.atlas import (
     create_engine,
     process_batch,
 )
+from featuremaps.atlas import build as build_module
 from featuremaps.atlas.batch import AtlasSpec, Precision
 from featuremaps.atlas.engines.local import LocalEngine
 from featuremaps.models import Preprocess
@@ -268,3 +269,60 @@ def test_a_batch_reduces_the_same_whatever_the_number_of_threads(
         # per-map sums: float64 up to PCA_PIXELS pixels, float32 (then widened) beyond
         exact = maps[name].shape[2] * maps[name].shape[3] <= batch_mod.PCA_PIXELS
         np.testing.assert_allclose(part.total, expected, rtol=1e-9 if exact else 1e-6)
+
+
+def test_crops_kept_during_the_pass_equal_a_fresh_decoding(
+    tiny_model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local engine's crops come from the pixels of the pass (no second decoding);
+    the files are the same bytes as those cut from a fresh decoding of each image."""
+    import featuremaps.atlas.crops as crops_mod
+    import featuremaps.atlas.outputs as outputs_mod
+
+    data = tmp_path / "data"
+    _toy_images(data, 11)
+    decoded: list[str] = []
+    real_read = outputs_mod.read_image
+
+    def counting_read(path: str, *args: object) -> object:
+        decoded.append(path)
+        return real_read(path, *args)
+
+    monkeypatch.setattr(outputs_mod, "read_image", counting_read)  # workers=0: in-process
+    kept: list[crops_mod.CropTiles] = []
+    real_tiles = crops_mod.CropTiles
+
+    def recording_tiles(*args: object, **kwargs: object) -> crops_mod.CropTiles:
+        kept.append(real_tiles(*args, **kwargs))  # type: ignore[arg-type]
+        return kept[-1]
+
+    monkeypatch.setattr(build_module, "CropTiles", recording_tiles)
+
+    def run(out: str) -> dict[str, bytes]:
+        build_atlas(
+            tiny_model,
+            data,
+            "features.1,4",
+            tmp_path / out,
+            top=3,
+            batch_size=4,
+            workers=0,
+            score="relevance",
+        )
+        root = tmp_path / out
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*.jp*g")}
+
+    with_tiles = run("kept")
+    assert decoded == [] and kept[-1].enabled
+    doc = json.loads((tmp_path / "kept" / "atlas.json").read_text())
+    for li, layer in enumerate(doc["layers"].values()):  # only the final entries are held
+        for kind, key in enumerate(("top", "top_relevance")):
+            held = [len(d) for d in kept[-1].tiles[li][kind]]
+            assert held == [len(ch[key]) for ch in layer["channels"]]
+    monkeypatch.setattr(crops_mod, "TILE_BUDGET", 0)  # too little memory: decode again
+    fresh = run("fresh")
+    assert not kept[-1].enabled and len(decoded) > 0
+    assert len(with_tiles) == 2 * 3 * (8 + 16) and with_tiles == fresh
+    assert (tmp_path / "kept" / "atlas.json").read_bytes() == (
+        tmp_path / "fresh" / "atlas.json"
+    ).read_bytes()

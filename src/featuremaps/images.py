@@ -169,10 +169,15 @@ def preprocess(
         full: keep the whole image: resize the short side only, no crop.
         size: override the short side after resizing (and the crop size).
     """
+    return normalized(resized_pixels(img, pp, full=full, size=size), pp)
+
+
+def normalized(pixels: torch.Tensor, pp: Preprocess) -> torch.Tensor:
+    """The model input of :func:`resized_pixels`' uint8 pixels: scaled to [0, 1], normalized."""
     import_torchvision()
     from torchvision.transforms.v2 import functional as F
 
-    x = F.to_dtype(resized_pixels(img, pp, full=full, size=size), torch.float32, scale=True)
+    x = F.to_dtype(pixels, torch.float32, scale=True)
     return F.normalize(x, list(pp.mean), list(pp.std))
 
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from .batch import AtlasSpec, BatchResult, LayerPartial, process_batch
 from .build import AtlasResult, Progress, SkippedImageWarning, build_atlas
+from .crops import crop_box
 from .data import LoadedBatch, Plan, batch_loader, dataset_paths, fixed_size, load_images
 from .engines import Engine, EngineCapabilities, EngineOptions, create_engine
-from .outputs import crop_box
 from .state import STATE_FILE, CheckpointError
 from .visuals import VisualizeSpec
 

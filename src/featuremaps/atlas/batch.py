@@ -184,9 +184,14 @@ class BatchResult:
     n_images: int
     bad: list[tuple[int, str]]
     layers: list[LayerPartial]
+    pixels: tuple[np.ndarray, torch.Tensor] | None = None
+    """The batch's image ids and their ``(B, 3, H, W)`` uint8 input pixels, when the
+    engine passes them along for the driver to cut crops from (the local engine does);
+    never encoded by :meth:`to_bytes`."""
 
     def to_bytes(self) -> bytes:
-        """An ``.npz`` encoding (no pickle), to move a result between processes."""
+        """An ``.npz`` encoding (no pickle), to move a result between processes; without
+        ``pixels``."""
         arrays = partials_to_arrays(self.layers)
         arrays["meta"] = np.array(json.dumps([self.index, self.n_images, self.bad]))
         buf = io.BytesIO()

@@ -34,6 +34,7 @@ from ..models import LoadedModel, load_model
 from ..options import Device, OptionError, Score, check_range, parse_choice
 from ..options import Engine as EngineName
 from .batch import AtlasSpec, Precision, probe
+from .crops import CropTiles
 from .data import DataSpec, Plan, dataset_paths, fixed_size
 from .engines import Engine, EngineOptions, create_engine
 from .outputs import atlas_document, write_outputs
@@ -238,10 +239,13 @@ def _build(
     seen = resumed
     if progress:
         progress("images", seen, len(paths))
+    tiles = CropTiles(spec, metas, plan.paths, int(loaded.preprocess.crop or 0))
     results = runner.run(plan, pending, loaded, spec)
     try:
         for result in results:
             state.fold(result)
+            tiles.add(state, result)
+            result.pixels = None
             for i, msg in result.bad:
                 warnings.warn(f"skipped {paths[i]}: {msg}", SkippedImageWarning, stacklevel=3)
             seen += len(plan.batch(result.index)[1])
@@ -276,7 +280,18 @@ def _build(
             raise Interrupted(seen, len(paths), where) from None
     doc = atlas_document(state, plan, loaded, spec, metas, pictures, vspec)
     atlas_json, basis, pages = write_outputs(
-        out, doc, state, loaded, spec, metas, n_components, report_url, workers, progress, pictures
+        out,
+        doc,
+        state,
+        loaded,
+        spec,
+        metas,
+        n_components,
+        report_url,
+        workers,
+        progress,
+        pictures,
+        tiles,
     )
     done_now = seen - resumed
     return AtlasResult(

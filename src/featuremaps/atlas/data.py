@@ -32,7 +32,7 @@ from PIL import Image
 
 from .._files import LOCK_NAME
 from ..errors import ImageError
-from ..images import IMAGE_SUFFIXES, expand_inputs, load_image, preprocess
+from ..images import IMAGE_SUFFIXES, expand_inputs, load_image, normalized, resized_pixels
 from ..models import Preprocess
 
 DataSpec = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
@@ -245,9 +245,13 @@ class LoadedBatch:
     ids: np.ndarray
     x: torch.Tensor
     bad: list[tuple[int, str]]
+    pixels: torch.Tensor | None = None
+    """``(B, 3, H, W)`` uint8: the pixels ``x`` was normalized from (when asked for)."""
 
 
-def load_images(index: int, first: int, paths: Sequence[str], pp: Preprocess) -> LoadedBatch:
+def load_images(
+    index: int, first: int, paths: Sequence[str], pp: Preprocess, pixels: bool = False
+) -> LoadedBatch:
     """Decode and preprocess the images of batch ``index``; unreadable ones go to ``bad``.
 
     Args:
@@ -255,14 +259,19 @@ def load_images(index: int, first: int, paths: Sequence[str], pp: Preprocess) ->
         first: the id (canonical position) of ``paths[0]``.
         paths: the batch's files.
         pp: the fixed-size preprocessing.
+        pixels: also keep the uint8 pixels of the inputs (``LoadedBatch.pixels``).
     """
     tensors: list[torch.Tensor] = []
+    raw: list[torch.Tensor] = []
     ids: list[int] = []
     bad: list[tuple[int, str]] = []
     for i, path in enumerate(paths):
         try:
             img = read_image(path, draft_size=pp.resize)
-            tensors.append(preprocess(img, pp))
+            px = resized_pixels(img, pp)
+            tensors.append(normalized(px, pp))  # bitwise preprocess(img, pp)
+            if pixels:
+                raw.append(px)
             ids.append(first + i)
         except ImageError as exc:
             bad.append((first + i, str(exc)))
@@ -270,16 +279,22 @@ def load_images(index: int, first: int, paths: Sequence[str], pp: Preprocess) ->
             bad.append((first + i, f"image {path!r} cannot be decoded: {exc}"))
     side = int(pp.crop or 0)
     x = torch.stack(tensors) if tensors else torch.empty(0, 3, side, side)
-    return LoadedBatch(index, np.asarray(ids, dtype=np.int64), x, bad)
+    kept = None
+    if pixels:
+        kept = torch.stack(raw) if raw else torch.empty(0, 3, side, side, dtype=torch.uint8)
+    return LoadedBatch(index, np.asarray(ids, dtype=np.int64), x, bad, kept)
 
 
 class BatchDataset(torch.utils.data.Dataset[LoadedBatch]):
     """Item ``i`` is the decoded ``pending[i]``-th batch (a whole batch per worker call)."""
 
-    def __init__(self, plan: Plan, pending: Sequence[int], pp: Preprocess) -> None:
+    def __init__(
+        self, plan: Plan, pending: Sequence[int], pp: Preprocess, pixels: bool = False
+    ) -> None:
         self.plan = plan
         self.pending = list(pending)
         self.pp = pp
+        self.pixels = pixels
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -287,7 +302,7 @@ class BatchDataset(torch.utils.data.Dataset[LoadedBatch]):
     def __getitem__(self, i: int) -> LoadedBatch:
         index = self.pending[i]
         first, paths = self.plan.batch(index)
-        return load_images(index, first, paths, self.pp)
+        return load_images(index, first, paths, self.pp, self.pixels)
 
 
 def _identity(item: Any) -> Any:
@@ -314,11 +329,12 @@ def release_inherited_lock(worker_id: int = 0) -> None:
 
 
 def batch_loader(
-    plan: Plan, pending: Sequence[int], pp: Preprocess, workers: int
+    plan: Plan, pending: Sequence[int], pp: Preprocess, workers: int, pixels: bool = False
 ) -> torch.utils.data.DataLoader[LoadedBatch]:
-    """A DataLoader that yields the pending batches in order, decoded by ``workers``."""
+    """A DataLoader that yields the pending batches in order, decoded by ``workers``
+    (with their uint8 pixels when ``pixels``)."""
     return torch.utils.data.DataLoader(
-        BatchDataset(plan, pending, pp),
+        BatchDataset(plan, pending, pp, pixels),
         batch_size=None,
         shuffle=False,
         num_workers=workers,

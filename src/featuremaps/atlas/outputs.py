@@ -32,31 +32,10 @@ from ..models import LoadedModel, Preprocess
 from ..reduce import save_bases
 from ..report.html import asset, fill_template
 from .batch import NO_IMAGE, AtlasSpec, LayerMeta
+from .crops import CROP_FACTOR, MIN_CROP, CropTiles, crop_box
 from .data import Plan, read_image, release_inherited_lock
 from .state import AtlasState
 from .visuals import Pictures, VisualizeSpec
-
-CROP_FACTOR = 2.0
-MIN_CROP = 16
-"""A crop is ``CROP_FACTOR * stride`` (at least ``MIN_CROP``) input pixels on each side,
-centred on the map cell, clipped to the image."""
-
-
-def crop_box(
-    y: int, x: int, stride: tuple[float, float], size: tuple[int, int], factor: float = CROP_FACTOR
-) -> tuple[int, int, int, int]:
-    """The input region ``(top, left, bottom, right)`` that feeds map cell ``(y, x)``.
-
-    An approximation of the receptive field: a square of ``factor * stride`` input pixels
-    (at least ``MIN_CROP``) centred on the cell's centre ``((y + 0.5) * stride_y,
-    (x + 0.5) * stride_x)``, clipped to the image of ``size = (H, W)``.
-    """
-    sy, sx = stride
-    cy, cx = (y + 0.5) * sy, (x + 0.5) * sx
-    hy, hx = max(factor * sy, MIN_CROP) / 2, max(factor * sx, MIN_CROP) / 2
-    top, left = max(0, math.floor(cy - hy)), max(0, math.floor(cx - hx))
-    bottom, right = min(size[0], math.ceil(cy + hy)), min(size[1], math.ceil(cx + hx))
-    return top, left, max(bottom, top + 1), max(right, left + 1)
 
 
 def _f32(value: float) -> float:
@@ -218,6 +197,7 @@ def write_outputs(
     workers: int,
     progress: Any = None,
     pictures: Pictures | None = None,
+    tiles: CropTiles | None = None,
 ) -> tuple[Path, Path | None, list[Path]]:
     """Write the basis, the crops, the pages and, last, ``atlas.json``.
 
@@ -230,7 +210,9 @@ def write_outputs(
         fitted = [p.pca.fit(n_components) for p in state.layers]
         save_bases(dict(zip(spec.names, fitted, strict=True)), basis_path)
     slugs = layer_slugs(spec.names)
-    old = write_crops(out, doc, loaded.preprocess, metas, spec, slugs, workers, progress, pictures)
+    old = write_crops(
+        out, doc, loaded.preprocess, metas, spec, slugs, workers, progress, pictures, tiles
+    )
     cleaner = threading.Thread(target=_remove_all, args=(old,), daemon=True)
     cleaner.start()
     try:
@@ -254,6 +236,7 @@ class _Crop:
     y: int
     x: int
     stride: tuple[float, float]
+    tile: np.ndarray | None  # the crop kept during the pass, if any
 
 
 class _CropWriter(torch.utils.data.Dataset[tuple[int, str]]):
@@ -262,7 +245,9 @@ class _CropWriter(torch.utils.data.Dataset[tuple[int, str]]):
     Run by DataLoader workers, so decoding, cutting and JPEG encoding happen in
     parallel; an item returns ``(crops written, error)`` rather than raising, so an
     output error reaches the driver as one line. The crops are cut from the resized,
-    cropped uint8 pixels the model's input was normalized from.
+    cropped uint8 pixels the model's input was normalized from; an image whose crops
+    were all kept during the pass (:class:`~featuremaps.atlas.crops.CropTiles`) is not
+    decoded again.
     """
 
     def __init__(
@@ -278,18 +263,24 @@ class _CropWriter(torch.utils.data.Dataset[tuple[int, str]]):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[int, str]:
-        try:
-            pixels = resized_pixels(read_image(self.images[i], self.pp.resize), self.pp)
-        except (ImageError, OSError, ValueError):  # unreadable since the run: no crops
-            return 0, ""
-        picture = Image.fromarray(pixels.permute(1, 2, 0).numpy())  # (H, W, 3) uint8
-        size = (picture.height, picture.width)
+        picture = None
+        if any(crop.tile is None for crop in self.crops[i]):
+            try:
+                pixels = resized_pixels(read_image(self.images[i], self.pp.resize), self.pp)
+            except (ImageError, OSError, ValueError):  # unreadable since the run: no crops
+                return 0, ""
+            picture = Image.fromarray(pixels.permute(1, 2, 0).numpy())  # (H, W, 3) uint8
         folders = [str(f) for f in self.folders]  # os-level strings: thousands of files
         target = None
         try:
             for crop in self.crops[i]:
-                t, left, b, r = crop_box(crop.y, crop.x, crop.stride, size)
-                tile = picture.crop((left, t, r, b))
+                if crop.tile is not None:
+                    tile = Image.fromarray(crop.tile)
+                else:
+                    assert picture is not None
+                    size = (picture.height, picture.width)
+                    t, left, b, r = crop_box(crop.y, crop.x, crop.stride, size)
+                    tile = picture.crop((left, t, r, b))
                 target = os.path.join(folders[crop.folder], crop.name)
                 with open(target, "wb") as f:  # a fresh folder: no partial file survives
                     tile.save(f, format="JPEG", quality=92)
@@ -308,8 +299,10 @@ def write_crops(
     workers: int,
     progress: Any = None,
     pictures: Pictures | None = None,
+    tiles: CropTiles | None = None,
 ) -> list[Path]:
-    """Decode each image that made a top list once and cut all its crops.
+    """Write every crop: those kept during the pass (``tiles``) as they are, the others
+    cut from one decoding of each of their images.
 
     The visualizations (``pictures``) go to the same fresh folders, as PNG.
 
@@ -329,9 +322,13 @@ def write_crops(
     wanted: dict[str, list[_Crop]] = {}
     for li, name in enumerate(spec.names):
         for ch in doc["layers"][name]["channels"]:
-            for entry in [*ch["top"], *ch.get("top_relevance", [])]:
-                crop = _Crop(li, Path(entry["crop"]).name, entry["y"], entry["x"], metas[li].stride)
-                wanted.setdefault(entry["image"], []).append(crop)
+            for kind, key in enumerate(("top", "top_relevance")):
+                for entry in ch.get(key, []):
+                    image = entry["image"]
+                    tile = None if tiles is None else tiles.get(li, kind, ch["channel"], image)
+                    name_ = Path(entry["crop"]).name
+                    crop = _Crop(li, name_, entry["y"], entry["x"], metas[li].stride, tile)
+                    wanted.setdefault(image, []).append(crop)
     images = sorted(wanted)
     crops = out / "crops"
     crops.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,8 @@ import torch
 
 from ...models import LoadedModel
 from ...pipeline import resolve_device
-from ..batch import AtlasSpec, BatchResult, forward_batch, reduce_batch
-from ..data import Plan, batch_loader
+from ..batch import AtlasSpec, BatchMaps, BatchResult, forward_batch, reduce_batch
+from ..data import LoadedBatch, Plan, batch_loader
 from ..visuals import VisualizeJob, VisualizeResult, VisualizeSpec, run_job
 from .base import EngineCapabilities, EngineOptions
 
@@ -27,6 +27,9 @@ class LocalEngine:
     """Batches decoded by ``workers`` processes, run on ``device`` in the driver.
 
     The model is moved to the device for the run and back to where it was afterwards.
+    Each result carries its batch's uint8 input pixels (``BatchResult.pixels``), from
+    which the driver keeps the crops of the top lists, so that it need not decode those
+    images again at the end.
     """
 
     capabilities = EngineCapabilities(
@@ -52,18 +55,20 @@ class LocalEngine:
         home = next(iter(module.parameters()), torch.empty(0)).device
         module.to(self.device)
         try:
-            loader = batch_loader(plan, pending, loaded.preprocess, self.options.workers)
+            loader = batch_loader(
+                plan, pending, loaded.preprocess, self.options.workers, pixels=True
+            )
             if not self.overlap:
                 for batch in loader:
                     maps = forward_batch(module, batch, spec, self.device, self.options.precision)
-                    yield reduce_batch(batch, spec, maps)
+                    yield _with_pixels(reduce_batch(batch, spec, maps), batch)
                 return
             # batch i's maps are reduced in a thread while batch i + 1's forward runs
             with ThreadPoolExecutor(1, thread_name_prefix="featuremaps-overlap") as pool:
                 previous: Future[BatchResult] | None = None
                 for batch in loader:
                     maps = forward_batch(module, batch, spec, self.device, self.options.precision)
-                    current = pool.submit(reduce_batch, batch, spec, maps)
+                    current = pool.submit(_reduce_with_pixels, batch, spec, maps)
                     if previous is not None:
                         yield previous.result()
                     previous = current
@@ -77,3 +82,13 @@ class LocalEngine:
     ) -> Generator[VisualizeResult, None, None]:
         for job in jobs:  # visualize() moves the model to the device and back
             yield run_job(loaded.module, loaded.preprocess, job, vspec, self.device)
+
+
+def _with_pixels(result: BatchResult, batch: LoadedBatch) -> BatchResult:
+    if batch.pixels is not None:
+        result.pixels = (batch.ids, batch.pixels)
+    return result
+
+
+def _reduce_with_pixels(batch: LoadedBatch, spec: AtlasSpec, maps: BatchMaps) -> BatchResult:
+    return _with_pixels(reduce_batch(batch, spec, maps), batch)
