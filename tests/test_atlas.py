@@ -303,6 +303,11 @@ def test_killed_run_resumes_to_the_same_atlas(
 
 def _assert_same_outputs(a: Path, b: Path) -> None:
     assert (a / "atlas.json").read_bytes() == (b / "atlas.json").read_bytes()
+    # the crops too: kept during the pass, or (resumed batches, Ray) cut from a decoding
+    crops_a = sorted(p.relative_to(a) for p in (a / "crops").rglob("*.jpg"))
+    assert crops_a and crops_a == sorted(p.relative_to(b) for p in (b / "crops").rglob("*.jpg"))
+    for rel in crops_a:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     with np.load(a / "pca_basis.npz") as za, np.load(b / "pca_basis.npz") as zb:
         assert za.files == zb.files
         for key in za.files:

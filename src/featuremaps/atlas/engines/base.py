@@ -7,7 +7,10 @@ them **in batch order** (the driver folds float sums in that order, which is wha
 give the same ``atlas.json`` bit for bit). Likewise :meth:`Engine.visualize` runs the
 jobs of the feature visualizations (``--visualize``), in job order. Where the batches
 run, who decodes the images and on which device is the engine's business; what it can do
-is declared in its :class:`EngineCapabilities`. The driver alone writes files.
+is declared in its :class:`EngineCapabilities`. The driver alone writes files. An engine
+may pass each batch's uint8 input pixels along (``BatchResult.pixels``, the local engine
+does): the driver then keeps the crops of the top lists from them instead of decoding
+those images again at the end.
 """
 
 from __future__ import annotations
