@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -34,6 +34,8 @@ from .._files import LOCK_NAME
 from ..errors import ImageError
 from ..images import IMAGE_SUFFIXES, expand_inputs, load_image, normalized, resized_pixels
 from ..models import Preprocess
+
+T = TypeVar("T")
 
 DataSpec = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 """What :func:`dataset_paths` accepts."""
@@ -305,10 +307,6 @@ class BatchDataset(torch.utils.data.Dataset[LoadedBatch]):
         return load_images(index, first, paths, self.pp, self.pixels)
 
 
-def _identity(item: Any) -> Any:
-    return item
-
-
 def release_inherited_lock(worker_id: int = 0) -> None:
     """In a forked DataLoader worker: close the inherited descriptor of the output lock.
 
@@ -333,8 +331,17 @@ def batch_loader(
 ) -> torch.utils.data.DataLoader[LoadedBatch]:
     """A DataLoader that yields the pending batches in order, decoded by ``workers``
     (with their uint8 pixels when ``pixels``)."""
+    return ordered_loader(BatchDataset(plan, pending, pp, pixels), workers)
+
+
+def ordered_loader(
+    dataset: torch.utils.data.Dataset[T], workers: int
+) -> torch.utils.data.DataLoader[T]:
+    """A DataLoader over ``dataset``'s items as they are (no batching, no collation), in
+    order, made by ``workers`` processes (none: this one) that first close the inherited
+    output lock (:func:`release_inherited_lock`)."""
     return torch.utils.data.DataLoader(
-        BatchDataset(plan, pending, pp, pixels),
+        dataset,
         batch_size=None,
         shuffle=False,
         num_workers=workers,
@@ -342,3 +349,7 @@ def batch_loader(
         prefetch_factor=2 if workers else None,
         worker_init_fn=release_inherited_lock,
     )
+
+
+def _identity(item: T) -> T:
+    return item

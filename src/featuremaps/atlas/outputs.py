@@ -33,7 +33,7 @@ from ..reduce import save_bases
 from ..report.html import asset, fill_template
 from .batch import NO_IMAGE, AtlasSpec, LayerMeta
 from .crops import CROP_FACTOR, MIN_CROP, CropTiles, crop_box
-from .data import Plan, read_image, release_inherited_lock
+from .data import Plan, ordered_loader, read_image
 from .state import AtlasState
 from .visuals import Pictures, VisualizeSpec
 
@@ -278,8 +278,7 @@ class _CropWriter(torch.utils.data.Dataset[tuple[int, str]]):
                     tile = Image.fromarray(crop.tile)
                 else:
                     assert picture is not None
-                    size = (picture.height, picture.width)
-                    t, left, b, r = crop_box(crop.y, crop.x, crop.stride, size)
+                    t, left, b, r = crop_box(crop.y, crop.x, crop.stride, picture.size[::-1])
                     tile = picture.crop((left, t, r, b))
                 target = os.path.join(folders[crop.folder], crop.name)
                 with open(target, "wb") as f:  # a fresh folder: no partial file survives
@@ -340,13 +339,7 @@ def write_crops(
     old: list[Path] = []
     try:
         writer = _CropWriter(images, [wanted[i] for i in images], pp, fresh)
-        loader = torch.utils.data.DataLoader(
-            writer,
-            batch_size=None,
-            num_workers=workers,
-            collate_fn=_identity,
-            worker_init_fn=release_inherited_lock,
-        )
+        loader = ordered_loader(writer, workers)
         for n, (_, error) in enumerate(loader, 1):
             if error:
                 raise FeatureMapsError(f"cannot write a crop: {error}")
@@ -367,10 +360,6 @@ def write_crops(
         for folder in fresh:
             shutil.rmtree(folder, ignore_errors=True)  # only what was not swapped in
     return old
-
-
-def _identity(item: Any) -> Any:
-    return item
 
 
 def _swap_in(folder: Path, final: Path) -> list[Path]:

@@ -7,11 +7,10 @@ they arrive, and each group runs :func:`~.step.process_group` on the driver's de
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import torch
 
-from ..atlas.data import release_inherited_lock
+from ..atlas.data import ordered_loader
 from ..models import Preprocess
 from .batches import Counted, Decoded, Grouper, batch_paths, decode, merge_decoded
 from .cka import MIN_BATCH
@@ -43,10 +42,6 @@ class _Batches(torch.utils.data.Dataset[Decoded]):
         return decode(index, first, paths, self.pa, self.pb)
 
 
-def _identity(item: Any) -> Any:
-    return item
-
-
 def decoded_batches(
     paths: Sequence[str],
     batch_size: int,
@@ -55,15 +50,7 @@ def decoded_batches(
     workers: int,
 ) -> torch.utils.data.DataLoader[Decoded]:
     """The ``pending`` batches decoded for both models by ``workers`` processes, in order."""
-    return torch.utils.data.DataLoader(
-        _Batches(paths, batch_size, pps[0], pps[1], pending),
-        batch_size=None,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_identity,
-        prefetch_factor=2 if workers else None,
-        worker_init_fn=release_inherited_lock,
-    )
+    return ordered_loader(_Batches(paths, batch_size, pps[0], pps[1], pending), workers)
 
 
 def local_results(
