@@ -29,7 +29,19 @@ from featuremaps.atlas import (
     crop_box,
     dataset_paths,
 )
-from featuremaps.atlas.batch import PCA_PIXELS, _covariance, _pca_pixels, _top_k, map_sums
+from featuremaps.atlas.batch import (
+    PCA_PIXELS,
+    AtlasSpec,
+    BatchMaps,
+    _covariance,
+    _pca_pixels,
+    _top_k,
+    input_layout,
+    map_sums,
+    probe,
+    reduce_batch,
+)
+from featuremaps.atlas.data import LoadedBatch
 from featuremaps.cli import main
 from featuremaps.images import load_image, preprocess
 from featuremaps.reduce import PCAAccumulator, load_bases
@@ -108,7 +120,9 @@ def brute_force(
 
     Images go through the model in the atlas's batches (consecutive chunks of the sorted
     paths, minus unreadable files): some conv kernels change the last bit of an image's
-    activations with the batch size, and the comparison is exact.
+    activations with the batch size, and the comparison is exact. For the same reason
+    they go in channels-last, the layout in which the atlas feeds a CPU forward of a
+    convolutional network (``test_channels_last_where_the_model_allows_it``).
     """
     pp = model.preprocess
     candidates: dict[int, list[tuple[float, str, int, int]]] = defaultdict(list)
@@ -126,7 +140,8 @@ def brute_force(
                 pass
         if not good:
             continue
-        maps = capture(model.module, torch.stack(xs), [layer])[layer]
+        x = torch.stack(xs).contiguous(memory_format=torch.channels_last)
+        maps = capture(model.module, x, [layer])[layer]
         pca = pca or PCAAccumulator(maps.shape[1])
         pca.update(maps)
         arr = maps.numpy()
@@ -470,6 +485,78 @@ def test_map_sums_of_large_maps_are_close_to_float64_and_catch_overflow() -> Non
     bad[1, 2, 5] = float("nan")
     finite = np.isfinite(map_sums(bad))
     assert not finite[1, 2] and finite.sum() == 5
+
+
+class _ViewsItsInput(torch.nn.Module):
+    """Reads its input with ``view``, which a channels-last tensor cannot give."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.view(x.shape[0], -1).view(x.shape))
+
+
+class _ReadsMemory(torch.nn.Module):
+    """Reinterprets its input's memory as contiguous: wrong maps for channels-last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, c, h, w = x.shape
+        return self.conv(torch.as_strided(x, x.shape, (c * h * w, h * w, w, 1)))
+
+
+def test_channels_last_where_the_model_allows_it(small_model: LoadedModel) -> None:
+    spec, _ = probe(small_model, LAYER, "max", 9)
+    assert spec.channels_last
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # no GPU needed to name one
+    assert input_layout(spec, cpu) == torch.channels_last
+    assert input_layout(spec, gpu, "bf16") == input_layout(spec, gpu, "fp16") == torch.channels_last
+    assert input_layout(spec, gpu, "fp32") == torch.contiguous_format
+    no_conv = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
+    for module, layer in ((_ViewsItsInput(), "conv"), (_ReadsMemory(), "conv"), (no_conv, "0")):
+        loaded = LoadedModel(module.eval(), small_model.preprocess, "toy", "random")
+        spec, _ = probe(loaded, layer, "max", 2)
+        assert not spec.channels_last, type(module).__name__
+        assert input_layout(spec, cpu) == torch.contiguous_format
+    # the check is what rejects _ReadsMemory: its two layouts really give other maps
+    x = torch.rand(1, 3, SIDE, SIDE)
+    m = _ReadsMemory().eval()
+    a = capture(m, x, "conv")["conv"]
+    b = capture(m, x.contiguous(memory_format=torch.channels_last), "conv")["conv"]
+    assert (a - b).abs().max() > 0.01
+
+
+def test_channels_last_maps_reduce_as_contiguous_ones() -> None:
+    """Large channels-last maps are reduced as they are, ``(B, H*W, C)``, without a copy."""
+    torch.manual_seed(3)
+    maps = {"big": torch.relu(torch.randn(5, 6, 24, 20)), "small": torch.randn(5, 7, 9, 9)}
+    maps["big"][1, 2] = 0.0  # a dead map
+    maps["big"][3, 4, 5, 6] = maps["big"][3, 4, 7, 8] = 99.0  # a tie: the first one wins
+    batch = LoadedBatch(0, np.arange(5) * 3, torch.zeros(5, 3, 8, 8), [])
+    for score in ("max", "mean"):
+        spec = AtlasSpec(("big", "small"), (6, 7), score, 3)
+        plain = reduce_batch(batch, spec, BatchMaps({k: v.clone() for k, v in maps.items()}))
+        last = {k: v.contiguous(memory_format=torch.channels_last) for k, v in maps.items()}
+        fast = reduce_batch(batch, spec, BatchMaps(last))
+        assert fast.n_images == plain.n_images == 5
+        for a, b in zip(plain.layers, fast.layers, strict=True):
+            np.testing.assert_array_equal(a.ids, b.ids)
+            np.testing.assert_array_equal(a.ys, b.ys)
+            np.testing.assert_array_equal(a.xs, b.xs)
+            np.testing.assert_array_equal(a.dead, b.dead)
+            np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
+            np.testing.assert_allclose(a.total, b.total, rtol=1e-6)
+            np.testing.assert_allclose(a.pca.cosum, b.pca.cosum, rtol=1e-6)
+        big = fast.layers[0]
+        assert big.dead[2] == 1
+        if score == "max":
+            assert (big.ids[4, 0], big.ys[4, 0], big.xs[4, 0]) == (9, 5, 6)
+    assert torch.equal(last["small"], maps["small"])  # only large maps are read in place
 
 
 def test_crop_box_is_centred_and_clipped() -> None:

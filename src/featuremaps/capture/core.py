@@ -141,6 +141,8 @@ class Capture:
     its version counter is noted; :meth:`modified` then says whether a later in-place
     operation changed one of them (:func:`capture` re-runs the forward with copies when
     it did, and the model's memo remembers to copy that module's output from then on).
+    It also keeps the maps that the modules returned channels-last in that layout
+    (``keep_layout``), where :attr:`maps` otherwise makes every map contiguous.
     """
 
     def __init__(
@@ -154,10 +156,13 @@ class Capture:
         layout: LayoutContext | None = None,
         keep_graph: bool = False,
         copy: bool = True,
+        keep_layout: bool | None = None,
     ) -> None:
         self.model = model
         self.keep_graph = keep_graph
         self.copy = copy or keep_graph
+        # channels-last maps stay channels-last in .maps (else they are made contiguous)
+        self.keep_layout = not self.copy if keep_layout is None else keep_layout
         self._lent: list[tuple[str, torch.Tensor, int]] = []
         probe = None
         if needs_probe(layers):
@@ -359,7 +364,9 @@ class Capture:
             for key, m, li in self._outputs_of(sel, ctx, values, normalized):
                 name = str(key)
                 if name not in maps:
-                    maps[name] = m.contiguous()
+                    # channels-last outputs kept as they are (copy=False): no copy
+                    keep = self.keep_layout and m.is_contiguous(memory_format=torch.channels_last)
+                    maps[name] = m if keep else m.contiguous()
                     info[name] = li
         return FeatureMaps(maps=maps, info=info)
 
@@ -475,7 +482,8 @@ def capture(
             copying each (faster, and the maps may share memory with the model's
             outputs). PyTorch's version counters tell whether a later in-place operation
             changed one; the forward then runs again with copies, and later captures of
-            the model copy that module's output from the start.
+            the model copy that module's output from the start. Maps the modules returned
+            channels-last (for a channels-last input) then keep that layout.
 
     Returns:
         :class:`FeatureMaps` with ``(B, C, H, W)`` CPU tensors. A module that ran k > 1
@@ -504,6 +512,7 @@ def capture(
             early_stop=not full_forward,
             layout=layout,
             copy=copy or attempt > 0,
+            keep_layout=not copy,  # the same layout on a rerun with copies
         )
         output = None
         stopped = False
