@@ -28,6 +28,7 @@ from featuremaps.atlas import (
     build_atlas,
     crop_box,
     dataset_paths,
+    read_crop,
 )
 from featuremaps.atlas.batch import (
     PCA_PIXELS,
@@ -219,11 +220,15 @@ def test_outputs_crops_and_pages(reference: Path, small_model: LoadedModel) -> N
         assert len(ch["top"]) == 9
         assert f'id="c{ch["channel"]}"' in page
         for e in ch["top"]:
-            assert f'src="{e["crop"]}"' in page
-            with Image.open(reference / e["crop"]) as crop:
-                t, left, b, r = crop_box(e["y"], e["x"], (16.0, 16.0), (SIDE, SIDE))
-                assert crop.size == (r - left, b - t)
-                got = np.asarray(crop.convert("RGB"), dtype=np.float64)
+            assert f'src="{e["crop"]["file"]}"' in page
+            left, top, w, h = e["crop"]["box"]  # the page's window on the sheet is the box
+            s = 68 / max(w, h)
+            assert f'style="width:{w * s:.2f}px;height:{h * s:.2f}px"' in page
+            assert f'style="left:{-left * s + 0.0:.2f}px;top:{-top * s + 0.0:.2f}px;' in page
+            crop = read_crop(reference, e)
+            t, left, b, r = crop_box(e["y"], e["x"], (16.0, 16.0), (SIDE, SIDE))
+            assert crop.size == (r - left, b - t)
+            got = np.asarray(crop.convert("RGB"), dtype=np.float64)
             # the input region, from the model's input undone independently
             x = preprocess(load_image(e["image"]), pp).permute(1, 2, 0).numpy()
             want = (x * std + mean).clip(0, 1)[t:b, left:r] * 255
@@ -428,7 +433,7 @@ def test_cli_atlas_on_a_folder_at_full_size(
         keys = [(-e["score"], e["image"]) for e in ch["top"]]
         assert len(keys) == 9 and keys == sorted(keys)
     assert (out / "layer3.html").exists() and (out / "pca_basis.npz").exists()
-    assert len(list((out / "crops" / "layer3").glob("*.jpg"))) == 256 * 9
+    assert len(list((out / "crops" / "layer3").glob("*.jpg"))) == 256  # a sheet each
 
 
 # -- pieces --------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from featuremaps.atlas import STATE_FILE, build_atlas
+from featuremaps.atlas import STATE_FILE, build_atlas, read_crop
+from featuremaps.atlas.crops import sheet_cell
 from featuremaps.cli import main
 from featuremaps.images import load_image, preprocess
 from featuremaps.models import LoadedModel, Preprocess
@@ -108,12 +109,16 @@ def test_activation_ranking_is_kept_unchanged_beside_it(
 def test_relevance_crops_and_pages(reference: Path) -> None:
     doc = _doc(reference)
     ch = doc["layers"]["features.3"]["channels"][5]
-    for e in ch["top_relevance"]:
-        assert (reference / e["crop"]).is_file()
-        assert e["crop"].endswith(f"c0005_r{ch['top_relevance'].index(e)}.jpg")
+    for rank, e in enumerate(ch["top_relevance"]):
+        assert (reference / e["crop"]["file"]).is_file()
+        assert e["crop"]["file"].endswith("c0005_r.jpg")  # the list's sheet
+        crop = read_crop(reference, e)
+        assert crop.size == tuple(e["crop"]["box"][2:]) and e["crop"]["box"][1] == 0
+        stride = tuple(doc["layers"]["features.3"]["stride"])
+        assert e["crop"]["box"][0] == rank * sheet_cell(stride, 32)[1]
     page = (reference / doc["layers"]["features.3"]["page"]).read_text()
     assert page.count('class="crops rel"') == 16
-    assert f'src="{ch["top_relevance"][0]["crop"]}"' in page
+    assert f'src="{ch["top_relevance"][0]["crop"]["file"]}"' in page
     assert "relevance to each image&#x27;s own top-1 class" in page
 
 

@@ -80,7 +80,7 @@ def test_every_channel_has_a_picture_and_the_pages_show_it(atlas: Path) -> None:
             vis = ch["visualization"]
             assert vis["objective"] == f"channel:{name}:{ch['channel']}"
             assert _picture(atlas / vis["file"]).shape == (SIZE, SIZE, 3)
-            assert Path(vis["file"]).parent == Path(ch["top"][0]["crop"]).parent  # beside
+            assert Path(vis["file"]).parent == Path(ch["top"][0]["crop"]["file"]).parent  # beside
             assert f'src="{vis["file"]}"' in page
     assert f"{STEPS} steps, {SIZE} px" in (atlas / doc["layers"]["features.3"]["page"]).read_text()
 

@@ -27,6 +27,7 @@ from .build import AtlasResult, Progress, SkippedImageWarning, build_atlas
 from .crops import crop_box
 from .data import LoadedBatch, Plan, batch_loader, dataset_paths, fixed_size, load_images
 from .engines import Engine, EngineCapabilities, EngineOptions, create_engine
+from .outputs import read_crop
 from .state import STATE_FILE, CheckpointError
 from .visuals import VisualizeSpec
 
@@ -53,4 +54,5 @@ __all__ = [
     "fixed_size",
     "load_images",
     "process_batch",
+    "read_crop",
 ]

@@ -28,7 +28,12 @@ MIN_CROP = 16
 centred on the map cell, clipped to the image."""
 TILE_BUDGET = 512 * 2**20
 """Bytes of crops :class:`CropTiles` may hold at most; beyond, the crops are cut from a
-fresh decoding at the end."""
+fresh decoding at the end (a group of layers of at most this many bytes at a time)."""
+SHEET_ALIGN = 8
+"""The crops of a channel's top list share one JPEG, a *sheet*: crop k sits at the left
+of cell k of a row of cells, each the layer's largest crop rounded up to a multiple of
+this many pixels. Encoded without chroma subsampling, JPEG's 8x8 blocks then never mix
+two crops."""
 
 
 def crop_box(
@@ -48,10 +53,29 @@ def crop_box(
     return top, left, max(bottom, top + 1), max(right, left + 1)
 
 
+def crop_size(stride: tuple[float, float], side: int) -> tuple[int, int]:
+    """The largest ``(h, w)`` of a crop around a cell of a map of ``stride``, in an input
+    of ``side`` pixels."""
+    h, w = (min(side, math.ceil(max(CROP_FACTOR * s, MIN_CROP)) + 1) for s in stride)
+    return h, w
+
+
 def crop_bytes(stride: tuple[float, float], side: int) -> int:
     """The largest size in bytes of an RGB crop around a cell of a map of ``stride``."""
-    h, w = (min(side, math.ceil(max(CROP_FACTOR * s, MIN_CROP)) + 1) for s in stride)
+    h, w = crop_size(stride, side)
     return 3 * h * w
+
+
+def sheet_cell(stride: tuple[float, float], side: int) -> tuple[int, int]:
+    """The ``(h, w)`` of a cell of the layer's sheets (see ``SHEET_ALIGN``)."""
+    h, w = crop_size(stride, side)
+    return -(-h // SHEET_ALIGN) * SHEET_ALIGN, -(-w // SHEET_ALIGN) * SHEET_ALIGN
+
+
+def sheet_box(rank: int, y: int, x: int, stride: tuple[float, float], side: int) -> list[int]:
+    """Where crop ``rank`` of a top list lies on its sheet: ``[left, top, width, height]``."""
+    t, left, b, r = crop_box(y, x, stride, (side, side))
+    return [rank * sheet_cell(stride, side)[1], 0, r - left, b - t]
 
 
 class CropTiles:

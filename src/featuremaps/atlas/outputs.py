@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,9 @@ from ..images import resized_pixels
 from ..models import LoadedModel, Preprocess
 from ..reduce import save_bases
 from ..report.html import asset, fill_template
+from . import crops as crops_module
 from .batch import NO_IMAGE, AtlasSpec, LayerMeta
-from .crops import CROP_FACTOR, MIN_CROP, CropTiles, crop_box
+from .crops import CROP_FACTOR, MIN_CROP, CropTiles, crop_box, sheet_box, sheet_cell
 from .data import Plan, ordered_loader, read_image
 from .state import AtlasState
 from .visuals import Pictures, VisualizeSpec
@@ -73,8 +75,11 @@ def atlas_document(
     ``relevance`` score, ``top_relevance`` beside it ranks the images by the channel's
     relevance to each image's own top-1 class, and ``mean_relevance`` averages it. With
     visualizations, ``visualization`` names the channel's picture and its final value.
+    An entry's ``crop`` is ``{"file": sheet, "box": [left, top, width, height]}``: the
+    crops of a top list share one JPEG (``crops.SHEET_ALIGN``; :func:`read_crop`).
     """
     paths = plan.paths
+    side = int(loaded.preprocess.crop or 0)
     labels = loaded.categories
     layers_json: dict[str, Any] = {}
     for li, (name, slug, part, meta) in enumerate(
@@ -94,7 +99,16 @@ def atlas_document(
                         "score": _f32(part.scores[c, rank]),
                         "y": int(part.ys[c, rank]),
                         "x": int(part.xs[c, rank]),
-                        "crop": f"crops/{slug}/c{c:04d}_{rank}.jpg",
+                        "crop": {
+                            "file": f"crops/{slug}/{sheet_name(c)}",
+                            "box": sheet_box(
+                                rank,
+                                int(part.ys[c, rank]),
+                                int(part.xs[c, rank]),
+                                meta.stride,
+                                side,
+                            ),
+                        },
                     }
                 )
             channel: dict[str, Any] = {
@@ -109,7 +123,9 @@ def atlas_document(
                 channel["mean_relevance"] = (
                     _f32(rel.total[c] / state.n_images) if state.n_images else None
                 )
-                channel["top_relevance"] = _relevance_entries(rel, c, paths, slug, labels)
+                channel["top_relevance"] = _relevance_entries(
+                    rel, c, paths, slug, labels, meta.stride, side
+                )
             if pictures is not None:
                 value = pictures[li][c][1]
                 channel["visualization"] = {
@@ -159,8 +175,32 @@ def vis_name(channel: int) -> str:
     return f"c{channel:04d}_vis.png"
 
 
+def sheet_name(channel: int, relevance: bool = False) -> str:
+    """The file name of a channel's crop sheet (``top``, or ``top_relevance``)."""
+    return f"c{channel:04d}{'_r' if relevance else ''}.jpg"
+
+
+def read_crop(atlas_dir: str | os.PathLike[str], entry: dict[str, Any]) -> Image.Image:
+    """The crop of a top-list entry of ``atlas.json``, cut from its sheet.
+
+    Example:
+        >>> doc = json.loads(Path("atlas/atlas.json").read_text())
+        >>> read_crop("atlas", doc["layers"]["layer3"]["channels"][7]["top"][0]).size
+        (40, 40)
+    """
+    left, top, width, height = entry["crop"]["box"]
+    with Image.open(Path(atlas_dir) / entry["crop"]["file"]) as sheet:
+        return sheet.crop((left, top, left + width, top + height))
+
+
 def _relevance_entries(
-    rel: Any, c: int, paths: Sequence[str], slug: str, labels: Sequence[str] | None
+    rel: Any,
+    c: int,
+    paths: Sequence[str],
+    slug: str,
+    labels: Sequence[str] | None,
+    stride: tuple[float, float],
+    side: int,
 ) -> list[dict[str, Any]]:
     entries = []
     for rank in range(rel.scores.shape[1]):
@@ -179,7 +219,12 @@ def _relevance_entries(
                 },
                 "y": int(rel.ys[c, rank]),
                 "x": int(rel.xs[c, rank]),
-                "crop": f"crops/{slug}/c{c:04d}_r{rank}.jpg",
+                "crop": {
+                    "file": f"crops/{slug}/{sheet_name(c, True)}",
+                    "box": sheet_box(
+                        rank, int(rel.ys[c, rank]), int(rel.xs[c, rank]), stride, side
+                    ),
+                },
             }
         )
     return entries
@@ -229,63 +274,74 @@ def _remove_all(folders: Sequence[Path]) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@dataclass(frozen=True)
-class _Crop:
+@dataclass
+class _Sheet:
+    """The crops of one top list, written side by side as one JPEG."""
+
     folder: int  # index of the layer's fresh folder
     name: str
-    y: int
-    x: int
-    stride: tuple[float, float]
-    tile: np.ndarray | None  # the crop kept during the pass, if any
+    cell: tuple[int, int]  # (h, w) of each crop's cell
+    tiles: list[np.ndarray | None]  # rank -> crop (None: its image is unreadable now)
+
+    def nbytes(self) -> int:
+        return 3 * self.cell[0] * self.cell[1] * len(self.tiles)
+
+    def picture(self) -> np.ndarray:
+        """The sheet: each crop at the top left of its cell, its last row and column
+        repeated over the rest of the cell (as a JPEG encoder pads a block); grey where
+        a crop is missing."""
+        h, w = self.cell
+        sheet = np.full((h, w * len(self.tiles), 3), 200, dtype=np.uint8)
+        for k, tile in enumerate(self.tiles):
+            if tile is not None:
+                th, tw = tile.shape[:2]
+                pad = ((0, h - th), (0, w - tw), (0, 0))
+                sheet[:, k * w : (k + 1) * w] = np.pad(tile, pad, mode="edge")
+        return sheet
 
 
-class _CropWriter(torch.utils.data.Dataset[tuple[int, str]]):
-    """Item ``i`` decodes image ``i`` as the atlas saw it and writes all its crops.
+class _CropCutter(torch.utils.data.Dataset[list[tuple[int, int, np.ndarray]]]):
+    """Item ``i`` decodes image ``i`` as the atlas saw it and cuts the crops it is wanted
+    for: ``(sheet, rank, pixels)`` each.
 
-    Run by DataLoader workers, so decoding, cutting and JPEG encoding happen in
-    parallel; an item returns ``(crops written, error)`` rather than raising, so an
-    output error reaches the driver as one line. The crops are cut from the resized,
-    cropped uint8 pixels the model's input was normalized from; an image whose crops
-    were all kept during the pass (:class:`~featuremaps.atlas.crops.CropTiles`) is not
-    decoded again.
+    Run by DataLoader workers, so decoding and cutting happen in parallel. The crops are
+    cut from the resized, cropped uint8 pixels the model's input was normalized from; an
+    image that cannot be read any more gives none (its cells stay grey).
     """
 
     def __init__(
         self,
         images: Sequence[str],
-        crops: Sequence[Sequence[_Crop]],
+        wants: Sequence[Sequence[tuple[int, int, int, int, tuple[float, float]]]],
         pp: Preprocess,
-        folders: Sequence[Path],
     ) -> None:
-        self.images, self.crops, self.pp, self.folders = images, crops, pp, folders
+        self.images, self.wants, self.pp = images, wants, pp
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[int, str]:
-        picture = None
-        if any(crop.tile is None for crop in self.crops[i]):
-            try:
-                pixels = resized_pixels(read_image(self.images[i], self.pp.resize), self.pp)
-            except (ImageError, OSError, ValueError):  # unreadable since the run: no crops
-                return 0, ""
-            picture = Image.fromarray(pixels.permute(1, 2, 0).numpy())  # (H, W, 3) uint8
-        folders = [str(f) for f in self.folders]  # os-level strings: thousands of files
-        target = None
+    def __getitem__(self, i: int) -> list[tuple[int, int, np.ndarray]]:
         try:
-            for crop in self.crops[i]:
-                if crop.tile is not None:
-                    tile = Image.fromarray(crop.tile)
-                else:
-                    assert picture is not None
-                    t, left, b, r = crop_box(crop.y, crop.x, crop.stride, picture.size[::-1])
-                    tile = picture.crop((left, t, r, b))
-                target = os.path.join(folders[crop.folder], crop.name)
-                with open(target, "wb") as f:  # a fresh folder: no partial file survives
-                    tile.save(f, format="JPEG", quality=92)
-        except OSError as exc:
-            return 0, describe_os_error(exc, target)
-        return len(self.crops[i]), ""
+            pixels = resized_pixels(read_image(self.images[i], self.pp.resize), self.pp)
+        except (ImageError, OSError, ValueError):  # unreadable since the run: no crops
+            return []
+        hwc = pixels.permute(1, 2, 0).numpy()  # (H, W, 3) uint8
+        out = []
+        for sheet, rank, y, x, stride in self.wants[i]:
+            t, left, b, r = crop_box(y, x, stride, hwc.shape[:2])
+            out.append((sheet, rank, np.ascontiguousarray(hwc[t:b, left:r])))
+        return out
+
+
+def _write_sheet(sheet: _Sheet, folder: str) -> str:
+    """Encode and write one sheet; returns an error message, or ``""``."""
+    target = os.path.join(folder, sheet.name)
+    try:
+        with open(target, "wb") as f:  # a fresh folder: no partial file survives
+            Image.fromarray(sheet.picture()).save(f, format="JPEG", quality=92, subsampling=0)
+    except OSError as exc:
+        return describe_os_error(exc, target)
+    return ""
 
 
 def write_crops(
@@ -300,17 +356,21 @@ def write_crops(
     pictures: Pictures | None = None,
     tiles: CropTiles | None = None,
 ) -> list[Path]:
-    """Write every crop: those kept during the pass (``tiles``) as they are, the others
-    cut from one decoding of each of their images.
+    """Write every crop sheet: the crops kept during the pass (``tiles``) as they are,
+    the others cut from one decoding of each of their images.
 
-    The visualizations (``pictures``) go to the same fresh folders, as PNG.
+    One JPEG per top list instead of one per crop: K times fewer files, which on the
+    test machine's ext4 cost more than the encoding. The visualizations (``pictures``)
+    go to the same fresh folders, as PNG.
 
-    ``workers`` DataLoader processes decode, cut and encode (none: this process). Each
-    layer's crops go to a fresh folder of a unique name that then replaces
-    ``crops/LAYER``: creating files is cheap, while overwriting thousands of them (in
-    place or by renames) makes ext4 flush each one and costs seconds. Folders left by a
-    killed run (``.LAYER.*.new``, ``.LAYER.*.old``) are removed first; the caller holds
-    the output lock, so no other run is writing them.
+    The sheets are filled a group of layers at a time, each group's crops within
+    ``crops.TILE_BUDGET`` bytes; ``workers`` DataLoader processes decode and cut the
+    crops that were not kept, and as many threads encode the sheets (none: this
+    process). Each layer's crops go to a fresh folder of a unique name that then
+    replaces ``crops/LAYER``: creating files is cheap, while overwriting thousands of
+    them (in place or by renames) makes ext4 flush each one and costs seconds. Folders
+    left by a killed run (``.LAYER.*.new``, ``.LAYER.*.old``) are removed first; the
+    caller holds the output lock, so no other run is writing them.
 
     Returns:
         The folders that hold the previous run's crops, for the caller to delete.
@@ -318,17 +378,35 @@ def write_crops(
     Raises:
         FeatureMapsError: a crop cannot be written (the message names it and the cause).
     """
-    wanted: dict[str, list[_Crop]] = {}
+    side = int(pp.crop or 0)
+    groups: list[list[_Sheet]] = [[]]
+    wanted: list[dict[str, list[tuple[int, int, int, int, tuple[float, float]]]]] = [{}]
     for li, name in enumerate(spec.names):
+        stride = metas[li].stride
+        cell = sheet_cell(stride, side)
+        layer_bytes = sum(
+            3 * cell[0] * cell[1] * len(ch.get(key, []))
+            for ch in doc["layers"][name]["channels"]
+            for key in ("top", "top_relevance")
+        )
+        used = sum(sheet.nbytes() for sheet in groups[-1])
+        if groups[-1] and used + layer_bytes > crops_module.TILE_BUDGET:
+            groups.append([])
+            wanted.append({})
         for ch in doc["layers"][name]["channels"]:
             for kind, key in enumerate(("top", "top_relevance")):
-                for entry in ch.get(key, []):
+                entries = ch.get(key, [])
+                if not entries:
+                    continue
+                sheet = _Sheet(li, Path(entries[0]["crop"]["file"]).name, cell, [])
+                for rank, entry in enumerate(entries):
                     image = entry["image"]
                     tile = None if tiles is None else tiles.get(li, kind, ch["channel"], image)
-                    name_ = Path(entry["crop"]).name
-                    crop = _Crop(li, name_, entry["y"], entry["x"], metas[li].stride, tile)
-                    wanted.setdefault(image, []).append(crop)
-    images = sorted(wanted)
+                    sheet.tiles.append(tile)
+                    if tile is None:
+                        want = (len(groups[-1]), rank, entry["y"], entry["x"], stride)
+                        wanted[-1].setdefault(image, []).append(want)
+                groups[-1].append(sheet)
     crops = out / "crops"
     crops.mkdir(parents=True, exist_ok=True)
     for slug in slugs:  # .LAYER.new/.old: the fixed names of earlier versions
@@ -336,15 +414,26 @@ def write_crops(
             for stale in crops.glob(pattern.format(glob.escape(slug))):
                 shutil.rmtree(stale, ignore_errors=True)
     fresh = [Path(tempfile.mkdtemp(prefix=f".{slug}.", suffix=".new", dir=crops)) for slug in slugs]
+    folders = [str(f) for f in fresh]  # os-level strings: thousands of files
+    total, written = sum(len(g) for g in groups), 0
     old: list[Path] = []
     try:
-        writer = _CropWriter(images, [wanted[i] for i in images], pp, fresh)
-        loader = ordered_loader(writer, workers)
-        for n, (_, error) in enumerate(loader, 1):
-            if error:
-                raise FeatureMapsError(f"cannot write a crop: {error}")
-            if progress:
-                progress("crops", n, len(images))
+        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="featuremaps-crops") as pool:
+            for group, want in zip(groups, wanted, strict=True):
+                images = sorted(want)
+                cutter = _CropCutter(images, [want[i] for i in images], pp)
+                for cut in ordered_loader(cutter, workers if images else 0):
+                    for sheet, rank, pixels in cut:
+                        group[sheet].tiles[rank] = pixels
+                jobs = [pool.submit(_write_sheet, sh, folders[sh.folder]) for sh in group]
+                for job in jobs:
+                    error = job.result()
+                    if error:
+                        raise FeatureMapsError(f"cannot write a crop: {error}")
+                    written += 1
+                    if progress:
+                        progress("crops", written, total)
+                group.clear()  # the group's crops are written: free them
         for folder, layer_pictures in zip(fresh, pictures or [], strict=False):
             for c, (picture, _) in layer_pictures.items():
                 target = folder / vis_name(c)
@@ -408,7 +497,10 @@ def write_pages(out: Path, doc: dict[str, Any], report_url: str | None) -> list[
                 },
             )
         )
-        cells = [_channel_cell(ch, name, report_url, channel_t, crop_t) for ch in layer["channels"]]
+        cell = sheet_cell(tuple(layer["stride"]), int(doc["preprocess"]["crop"] or 0))
+        cells = [
+            _channel_cell(ch, name, report_url, channel_t, crop_t, cell) for ch in layer["channels"]
+        ]
         page_html = fill_template(
             layer_t,
             {
@@ -449,21 +541,38 @@ def _ranking_note(doc: dict[str, Any]) -> str:
     return note
 
 
-def _crops(entries: list[dict[str, Any]], crop_t: str, what: Any) -> str:
+CROP_VIEW = 68
+"""Pixels of the square in which a page shows each crop, scaled to fit."""
+
+
+def _crops(entries: list[dict[str, Any]], crop_t: str, what: Any, cell: tuple[int, int]) -> str:
+    """The crops of a top list: each a window on its sheet, scaled to fit ``CROP_VIEW``."""
     esc = html.escape
-    return "".join(
-        fill_template(
-            crop_t,
-            {
-                "src": esc(quote(e["crop"])),
-                "image": esc(e["image"]),
-                "what": esc(what(e)),
-                "y": str(e["y"]),
-                "x": str(e["x"]),
-            },
+    sheet_w, sheet_h = cell[1] * len(entries), cell[0]
+    out = []
+    for e in entries:
+        left, top, w, h = e["crop"]["box"]
+        scale = CROP_VIEW / max(w, h)
+
+        def px(v: float, scale: float = scale) -> str:
+            return f"{v * scale + 0.0:.2f}px"  # + 0.0: no "-0.00"
+
+        out.append(
+            fill_template(
+                crop_t,
+                {
+                    "src": esc(quote(e["crop"]["file"])),
+                    "image": esc(e["image"]),
+                    "what": esc(what(e)),
+                    "y": str(e["y"]),
+                    "x": str(e["x"]),
+                    "window": f"width:{px(w)};height:{px(h)}",
+                    "place": f"left:{px(-left)};top:{px(-top)};width:{px(sheet_w)};"
+                    f"height:{px(sheet_h)}",
+                },
+            )
         )
-        for e in entries
-    )
+    return "".join(out)
 
 
 def _relevance_title(e: dict[str, Any]) -> str:
@@ -473,15 +582,20 @@ def _relevance_title(e: dict[str, Any]) -> str:
 
 
 def _channel_cell(
-    ch: dict[str, Any], layer: str, report_url: str | None, channel_t: str, crop_t: str
+    ch: dict[str, Any],
+    layer: str,
+    report_url: str | None,
+    channel_t: str,
+    crop_t: str,
+    cell: tuple[int, int],
 ) -> str:
     esc = html.escape
     c = ch["channel"]
     link = report_url.format(layer=quote(layer), channel=c) if report_url else f"#c{c}"
-    crops = _crops(ch["top"], crop_t, lambda e: f"score {e['score']:.4g}")
+    crops = _crops(ch["top"], crop_t, lambda e: f"score {e['score']:.4g}", cell)
     more = ""
     if "top_relevance" in ch:
-        rel = _crops(ch["top_relevance"], crop_t, _relevance_title)
+        rel = _crops(ch["top_relevance"], crop_t, _relevance_title, cell)
         more = f'<div class="crops rel" title="by relevance">{rel}</div>'
     vis = ""
     if ch.get("visualization"):
