@@ -419,9 +419,9 @@ def write_crops(
     old: list[Path] = []
     try:
         with ThreadPoolExecutor(max(1, workers), thread_name_prefix="featuremaps-crops") as pool:
-            for group, want in zip(groups, wanted, strict=True):
-                images = sorted(want)
-                cutter = _CropCutter(images, [want[i] for i in images], pp)
+            for group, needs in zip(groups, wanted, strict=True):
+                images = sorted(needs)
+                cutter = _CropCutter(images, [needs[i] for i in images], pp)
                 for cut in ordered_loader(cutter, workers if images else 0):
                     for sheet, rank, pixels in cut:
                         group[sheet].tiles[rank] = pixels
