@@ -543,8 +543,8 @@ def test_channels_last_maps_reduce_as_contiguous_ones() -> None:
     maps["big"][1, 2] = 0.0  # a dead map
     maps["big"][3, 4, 5, 6] = maps["big"][3, 4, 7, 8] = 99.0  # a tie: the first one wins
     batch = LoadedBatch(0, np.arange(5) * 3, torch.zeros(5, 3, 8, 8), [])
-    for score in ("max", "mean"):
-        spec = AtlasSpec(("big", "small"), (6, 7), score, 3)
+    for score, top in (("max", 3), ("mean", 3), ("max", 7)):  # 7: more slots than images
+        spec = AtlasSpec(("big", "small"), (6, 7), score, top)
         plain = reduce_batch(batch, spec, BatchMaps({k: v.clone() for k, v in maps.items()}))
         last = {k: v.contiguous(memory_format=torch.channels_last) for k, v in maps.items()}
         fast = reduce_batch(batch, spec, BatchMaps(last))

@@ -510,9 +510,8 @@ def _layer_partial(
     width = size[1]
     if b == 0:
         return LayerPartial.empty(c, top)
-    if pixel_major:
-        peak_t, where_t = flat.max(1)  # the first maximum, as argmax below
-        peak, where = peak_t.numpy(), where_t.numpy()
+    if pixel_major:  # the maxima now, their places only for the entries kept below
+        peak, where = flat.amax(1).numpy(), None
     else:
         where = flat.numpy().argmax(2)  # the first maximum
         peak = np.take_along_axis(flat.numpy(), where[..., None], 2)[..., 0]
@@ -521,16 +520,41 @@ def _layer_partial(
     def padded(a: np.ndarray, fill: float) -> np.ndarray:  # for batches of fewer than K
         return np.concatenate([a, np.full((c, top), fill, dtype=a.dtype)], 1)
 
-    top_scores, top_ids, ys, xs = _top_k(
-        top,
-        padded(scores.T, -np.inf),
-        padded(np.broadcast_to(ids[None, :], (c, b)), NO_IMAGE),
-        padded((where // width).T, 0),
-        padded((where % width).T, 0),
-    )
+    if where is None:
+        rows = np.broadcast_to(np.arange(b)[None, :], (c, b))
+        top_scores, top_ids, top_rows = _top_k(
+            top,
+            padded(scores.T, -np.inf),
+            padded(np.broadcast_to(ids[None, :], (c, b)), NO_IMAGE),
+            padded(rows, -1),
+        )
+        places = _first_max_of(flat, top_rows)
+        ys, xs = places // width, places % width
+    else:
+        top_scores, top_ids, ys, xs = _top_k(
+            top,
+            padded(scores.T, -np.inf),
+            padded(np.broadcast_to(ids[None, :], (c, b)), NO_IMAGE),
+            padded((where // width).T, 0),
+            padded((where % width).T, 0),
+        )
     dead = ((peak == 0) & (sums == 0)).sum(0)  # all values <= 0 and summing to 0
     total, cov = sums.sum(0), _covariance(*_pca_pixels(flat, sums, size, pixel_major))
     return LayerPartial(top_scores, top_ids, ys, xs, total, dead.astype(np.int64), cov)
+
+
+def _first_max_of(flat: torch.Tensor, rows: np.ndarray) -> np.ndarray:
+    """Where the first maximum of map ``(rows[c, k], c)`` lies in ``(B, H*W, C)`` maps
+    (``0`` where ``rows`` is ``-1``, an empty slot): ``argmax`` of only the maps a top
+    list keeps, a column of each image's ``(H*W, C)`` block, gathered image by image and
+    read contiguously (PyTorch's ``max(dim)`` over the whole batch is several times
+    slower, and NumPy's ``argmax`` over a strided axis copies all of it)."""
+    out = np.zeros(rows.shape, dtype=np.int64)
+    for r in np.unique(rows[rows >= 0]).tolist():
+        cs, ks = np.nonzero(rows == r)
+        cols = flat[r].index_select(1, torch.from_numpy(cs))  # (H*W, n)
+        out[cs, ks] = cols.T.contiguous().numpy().argmax(1)
+    return out
 
 
 def _pca_pixels(
