@@ -186,7 +186,7 @@ def read_crop(atlas_dir: str | os.PathLike[str], entry: dict[str, Any]) -> Image
     Example:
         >>> doc = json.loads(Path("atlas/atlas.json").read_text())
         >>> read_crop("atlas", doc["layers"]["layer3"]["channels"][7]["top"][0]).size
-        (40, 40)
+        (32, 32)
     """
     left, top, width, height = entry["crop"]["box"]
     with Image.open(Path(atlas_dir) / entry["crop"]["file"]) as sheet:
