@@ -326,3 +326,36 @@ def test_crops_kept_during_the_pass_equal_a_fresh_decoding(
     assert (tmp_path / "kept" / "atlas.json").read_bytes() == (
         tmp_path / "fresh" / "atlas.json"
     ).read_bytes()
+
+
+def test_a_crop_whose_image_became_unreadable_is_a_grey_cell(
+    tiny_model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Crops cut at the end (none kept) from an image that cannot be read any more: the
+    run completes, the sheet keeps that crop's cell grey and the others' crops."""
+    import featuremaps.atlas.crops as crops_mod
+    import featuremaps.atlas.outputs as outputs_mod
+    from featuremaps.atlas import read_crop
+    from featuremaps.errors import ImageError
+
+    data = tmp_path / "data"
+    paths = _toy_images(data, 5)
+    gone = paths[2]
+    real_read = outputs_mod.read_image
+
+    def read(path: str, *args: object) -> object:
+        if path == gone:
+            raise ImageError(f"{path} was deleted")
+        return real_read(path, *args)
+
+    monkeypatch.setattr(outputs_mod, "read_image", read)  # workers=0: in-process
+    monkeypatch.setattr(crops_mod, "TILE_BUDGET", 0)  # nothing kept: every crop decoded
+    out = tmp_path / "out"
+    build_atlas(tiny_model, data, "features.4", out, top=5, batch_size=2, workers=0)
+    doc = json.loads((out / "atlas.json").read_text())
+    entries = doc["layers"]["features.4"]["channels"][0]["top"]
+    assert sorted(e["image"] for e in entries) == paths  # every image is in a top 5
+    for e in entries:
+        crop = np.asarray(read_crop(out, e).convert("RGB"), dtype=np.int16)
+        grey = np.abs(crop - 200).max() <= 3  # JPEG's error on a flat cell
+        assert grey == (e["image"] == gone), e["image"]
