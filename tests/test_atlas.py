@@ -492,27 +492,31 @@ def test_map_sums_of_large_maps_are_close_to_float64_and_catch_overflow() -> Non
     assert not finite[1, 2] and finite.sum() == 5
 
 
-class _ViewsItsInput(torch.nn.Module):
-    """Reads its input with ``view``, which a channels-last tensor cannot give."""
+class _TwoConvs(torch.nn.Module):
+    """A convolutional network (two convolutions) that takes any layout."""
 
-    def __init__(self) -> None:
+    def __init__(self, convs: int = 2) -> None:
         super().__init__()
         self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.head = torch.nn.Conv2d(4, 4, 1) if convs > 1 else torch.nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x.view(x.shape[0], -1).view(x.shape))
+        return self.head(self.conv(x))
 
 
-class _ReadsMemory(torch.nn.Module):
+class _ViewsItsInput(_TwoConvs):
+    """Reads its input with ``view``, which a channels-last tensor cannot give."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.view(x.shape[0], -1).view(x.shape))
+
+
+class _ReadsMemory(_TwoConvs):
     """Reinterprets its input's memory as contiguous: wrong maps for channels-last."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, c, h, w = x.shape
-        return self.conv(torch.as_strided(x, x.shape, (c * h * w, h * w, w, 1)))
+        return super().forward(torch.as_strided(x, x.shape, (c * h * w, h * w, w, 1)))
 
 
 def test_channels_last_where_the_model_allows_it(small_model: LoadedModel) -> None:
@@ -522,8 +526,15 @@ def test_channels_last_where_the_model_allows_it(small_model: LoadedModel) -> No
     assert input_layout(spec, cpu) == torch.channels_last
     assert input_layout(spec, gpu, "bf16") == input_layout(spec, gpu, "fp16") == torch.channels_last
     assert input_layout(spec, gpu, "fp32") == torch.contiguous_format
+    loaded = LoadedModel(_TwoConvs().eval(), small_model.preprocess, "toy", "random")
+    assert probe(loaded, "conv", "max", 2)[0].channels_last  # what the others differ from
     no_conv = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
-    for module, layer in ((_ViewsItsInput(), "conv"), (_ReadsMemory(), "conv"), (no_conv, "0")):
+    for module, layer in (
+        (_ViewsItsInput(), "conv"),
+        (_ReadsMemory(), "conv"),
+        (_TwoConvs(convs=1), "conv"),  # one convolution: a ViT's patch embedding
+        (no_conv, "0"),
+    ):
         loaded = LoadedModel(module.eval(), small_model.preprocess, "toy", "random")
         spec, _ = probe(loaded, layer, "max", 2)
         assert not spec.channels_last, type(module).__name__

@@ -669,15 +669,20 @@ def probe(
 def _allows_channels_last(
     module: torch.nn.Module, names: Sequence[str], side: int, device: torch.device
 ) -> bool:
-    """Whether ``module`` (in eval mode, with 2-D convolutions) gives the same maps for a
+    """Whether ``module``, a convolutional network in eval mode, gives the same maps for a
     channels-last input as for a contiguous one.
+
+    Convolutional: two or more 2-D convolutions. A ViT's single patch embedding gains
+    nothing from the layout (a ViT-B/16 forward measured 6-12 % slower with it here),
+    so models with fewer keep the contiguous layout.
 
     Two forwards of the same random image, one in each layout: a model that cannot
     take the layout (``x.view(...)`` on a channels-last tensor raises) or whose maps
     differ by more than float rounding (over 1e-3 of the largest value) keeps the
     contiguous layout.
     """
-    if module.training or not any(isinstance(m, torch.nn.Conv2d) for m in module.modules()):
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in module.modules())
+    if module.training or convs < 2:
         return False
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 3, side, side, generator=gen).to(device)
