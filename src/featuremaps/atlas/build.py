@@ -42,7 +42,8 @@ from .state import STATE_FILE, open_state
 from .visuals import Pictures, VisualizeSpec, check_visualize, collect, plan_jobs
 
 Progress = Callable[[str, int, int], None]
-"""Called as ``progress(phase, done, total)``; phase ``images`` counts images."""
+"""Called as ``progress(phase, done, total)``; phase ``images`` counts images, ``crops``
+the crop sheets written (one per top list)."""
 
 
 class SkippedImageWarning(UserWarning):
