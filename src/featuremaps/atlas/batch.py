@@ -520,24 +520,19 @@ def _layer_partial(
     def padded(a: np.ndarray, fill: float) -> np.ndarray:  # for batches of fewer than K
         return np.concatenate([a, np.full((c, top), fill, dtype=a.dtype)], 1)
 
+    rows = np.broadcast_to(np.arange(b)[None, :], (c, b))
+    top_scores, top_ids, top_rows = _top_k(
+        top,
+        padded(scores.T, -np.inf),
+        padded(np.broadcast_to(ids[None, :], (c, b)), NO_IMAGE),
+        padded(rows, -1),
+    )
     if where is None:
-        rows = np.broadcast_to(np.arange(b)[None, :], (c, b))
-        top_scores, top_ids, top_rows = _top_k(
-            top,
-            padded(scores.T, -np.inf),
-            padded(np.broadcast_to(ids[None, :], (c, b)), NO_IMAGE),
-            padded(rows, -1),
-        )
         places = _first_max_of(flat, top_rows)
-        ys, xs = places // width, places % width
-    else:
-        top_scores, top_ids, ys, xs = _top_k(
-            top,
-            padded(scores.T, -np.inf),
-            padded(np.broadcast_to(ids[None, :], (c, b)), NO_IMAGE),
-            padded((where // width).T, 0),
-            padded((where % width).T, 0),
-        )
+    else:  # empty slots (row -1) at 0, as _first_max_of gives them
+        picked = np.take_along_axis(where.T, np.maximum(top_rows, 0), 1)
+        places = np.where(top_rows >= 0, picked, 0)
+    ys, xs = places // width, places % width
     dead = ((peak == 0) & (sums == 0)).sum(0)  # all values <= 0 and summing to 0
     total, cov = sums.sum(0), _covariance(*_pca_pixels(flat, sums, size, pixel_major))
     return LayerPartial(top_scores, top_ids, ys, xs, total, dead.astype(np.int64), cov)

@@ -53,6 +53,12 @@ def crop_box(
     return top, left, max(bottom, top + 1), max(right, left + 1)
 
 
+def cut_crop(hwc: np.ndarray, y: int, x: int, stride: tuple[float, float]) -> np.ndarray:
+    """The crop around map cell ``(y, x)`` of an ``(H, W, 3)`` uint8 picture, a copy."""
+    t, left, b, r = crop_box(y, x, stride, (hwc.shape[0], hwc.shape[1]))
+    return np.ascontiguousarray(hwc[t:b, left:r])
+
+
 def crop_size(stride: tuple[float, float], side: int) -> tuple[int, int]:
     """The largest ``(h, w)`` of a crop around a cell of a map of ``stride``, in an input
     of ``side`` pixels."""
@@ -118,7 +124,6 @@ class CropTiles:
         ids, pixels = result.pixels
         rows = {int(i): n for n, i in enumerate(ids)}
         hwc = pixels.permute(0, 2, 3, 1).contiguous().numpy()  # (B, H, W, 3)
-        size = (hwc.shape[1], hwc.shape[2])
         for li, part in enumerate(state.layers):
             lists = [(part.ids, part.ys, part.xs)]
             if part.relevance is not None:
@@ -132,8 +137,7 @@ class CropTiles:
                         if i == NO_IMAGE:
                             break
                         if i in rows:
-                            t, left, b, r = crop_box(int(ys[c, k]), int(xs[c, k]), stride, size)
-                            new[i] = hwc[rows[i], t:b, left:r].copy()
+                            new[i] = cut_crop(hwc[rows[i]], int(ys[c, k]), int(xs[c, k]), stride)
                         elif i in old:
                             new[i] = old[i]
                     kept[c] = new

@@ -34,7 +34,7 @@ from ..reduce import save_bases
 from ..report.html import asset, fill_template
 from . import crops as crops_module
 from .batch import NO_IMAGE, AtlasSpec, LayerMeta
-from .crops import CROP_FACTOR, MIN_CROP, CropTiles, crop_box, sheet_box, sheet_cell
+from .crops import CROP_FACTOR, MIN_CROP, CropTiles, cut_crop, sheet_box, sheet_cell
 from .data import Plan, ordered_loader, read_image
 from .state import AtlasState
 from .visuals import Pictures, VisualizeSpec
@@ -283,9 +283,6 @@ class _Sheet:
     cell: tuple[int, int]  # (h, w) of each crop's cell
     tiles: list[np.ndarray | None]  # rank -> crop (None: its image is unreadable now)
 
-    def nbytes(self) -> int:
-        return 3 * self.cell[0] * self.cell[1] * len(self.tiles)
-
     def picture(self) -> np.ndarray:
         """The sheet: each crop at the top left of its cell, its last row and column
         repeated over the rest of the cell (as a JPEG encoder pads a block); grey where
@@ -326,11 +323,10 @@ class _CropCutter(torch.utils.data.Dataset[list[tuple[int, int, np.ndarray]]]):
         except (ImageError, OSError, ValueError):  # unreadable since the run: no crops
             return []
         hwc = pixels.permute(1, 2, 0).numpy()  # (H, W, 3) uint8
-        out = []
-        for sheet, rank, y, x, stride in self.wants[i]:
-            t, left, b, r = crop_box(y, x, stride, hwc.shape[:2])
-            out.append((sheet, rank, np.ascontiguousarray(hwc[t:b, left:r])))
-        return out
+        return [
+            (sheet, rank, cut_crop(hwc, y, x, stride))
+            for sheet, rank, y, x, stride in self.wants[i]
+        ]
 
 
 def _write_sheet(sheet: _Sheet, folder: str) -> str:
@@ -365,8 +361,8 @@ def write_crops(
 
     The sheets are filled a group of layers at a time, each group's crops within
     ``crops.TILE_BUDGET`` bytes; ``workers`` DataLoader processes decode and cut the
-    crops that were not kept, and as many threads encode the sheets (none: this
-    process). Each layer's crops go to a fresh folder of a unique name that then
+    crops that were not kept (none: this process), and as many threads (at least one)
+    encode the sheets. Each layer's crops go to a fresh folder of a unique name that then
     replaces ``crops/LAYER``: creating files is cheap, while overwriting thousands of
     them (in place or by renames) makes ext4 flush each one and costs seconds. Folders
     left by a killed run (``.LAYER.*.new``, ``.LAYER.*.old``) are removed first; the
@@ -381,6 +377,7 @@ def write_crops(
     side = int(pp.crop or 0)
     groups: list[list[_Sheet]] = [[]]
     wanted: list[dict[str, list[tuple[int, int, int, int, tuple[float, float]]]]] = [{}]
+    used = 0  # bytes of the crops of the last group
     for li, name in enumerate(spec.names):
         stride = metas[li].stride
         cell = sheet_cell(stride, side)
@@ -389,10 +386,11 @@ def write_crops(
             for ch in doc["layers"][name]["channels"]
             for key in ("top", "top_relevance")
         )
-        used = sum(sheet.nbytes() for sheet in groups[-1])
         if groups[-1] and used + layer_bytes > crops_module.TILE_BUDGET:
             groups.append([])
             wanted.append({})
+            used = 0
+        used += layer_bytes
         for ch in doc["layers"][name]["channels"]:
             for kind, key in enumerate(("top", "top_relevance")):
                 entries = ch.get(key, [])

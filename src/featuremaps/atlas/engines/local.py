@@ -61,7 +61,7 @@ class LocalEngine:
             if not self.overlap:
                 for batch in loader:
                     maps = forward_batch(module, batch, spec, self.device, self.options.precision)
-                    yield _with_pixels(reduce_batch(batch, spec, maps), batch)
+                    yield _reduce_with_pixels(batch, spec, maps)
                 return
             # batch i's maps are reduced in a thread while batch i + 1's forward runs
             with ThreadPoolExecutor(1, thread_name_prefix="featuremaps-overlap") as pool:
@@ -84,11 +84,9 @@ class LocalEngine:
             yield run_job(loaded.module, loaded.preprocess, job, vspec, self.device)
 
 
-def _with_pixels(result: BatchResult, batch: LoadedBatch) -> BatchResult:
+def _reduce_with_pixels(batch: LoadedBatch, spec: AtlasSpec, maps: BatchMaps) -> BatchResult:
+    """:func:`reduce_batch`, the result carrying the batch's uint8 pixels for the crops."""
+    result = reduce_batch(batch, spec, maps)
     if batch.pixels is not None:
         result.pixels = (batch.ids, batch.pixels)
     return result
-
-
-def _reduce_with_pixels(batch: LoadedBatch, spec: AtlasSpec, maps: BatchMaps) -> BatchResult:
-    return _with_pixels(reduce_batch(batch, spec, maps), batch)
